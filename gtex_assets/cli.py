@@ -1,0 +1,230 @@
+"""`gtex-assets`: the command a newcomer runs.
+
+gtex-assets synth --out DIR [--tissues N --slides-per-tissue M --seed S]
+gtex-assets demo [--source DIR] [--config FILE] [--data-root DIR]
+gtex-assets sql "SELECT ..." [--csv | --json]
+gtex-assets ui
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from gtex_assets.lib.lake import DEFAULT_DATA_ROOT, Lake
+
+
+def _data_root(arg: str | None) -> Path:
+    root = Lake.at(arg or os.environ.get("GTEX_DATA_ROOT") or DEFAULT_DATA_ROOT).root
+    os.environ["GTEX_DATA_ROOT"] = str(root)  # the resources read it at run time
+    return root
+
+
+def _parse_size(s: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"slide size {s!r}: expected WIDTHxHEIGHT, e.g. 2240x1792"
+        ) from None
+    return w, h
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from gtex_assets.lib.synth import generate_mirror
+
+    s = generate_mirror(
+        args.out,
+        tissues=args.tissues,
+        slides_per_tissue=args.slides_per_tissue,
+        seed=args.seed,
+        slide_size=args.slide_size,
+        n_genes=args.genes,
+    )
+    print(
+        f"synthetic GTEx mirror at {Path(args.out).resolve()}: {s.n_rows} portal rows, "
+        f"{s.n_slides} slides, {len(s.tissues)} tissues, GCT {s.n_genes} genes x "
+        f"{s.n_rna_samples} samples ({s.seconds:.1f}s)"
+    )
+    return 0
+
+
+def _load_run_config(path: str | None) -> dict | None:
+    if not path:
+        return None
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        cfg = yaml.safe_load(text)
+    else:
+        cfg = json.loads(text)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("ops", {}), dict):
+        raise SystemExit(f"{path}: run config must be a mapping with an 'ops:' section")
+    return cfg
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gtex_assets.lib.catalog import connect_readonly
+    from gtex_assets.runner import ensure_dagster_home, materialize_all
+
+    t0 = time.time()
+    root = _data_root(args.data_root)
+    source = args.source or os.environ.get("GTEX_SOURCE")
+    if not source:
+        from gtex_assets.lib.synth import generate_mirror
+
+        mirror = root / "demo_mirror"
+        print(f"[demo] generating a synthetic GTEx mirror in {mirror} ...", flush=True)
+        s = generate_mirror(
+            mirror,
+            tissues=args.tissues,
+            slides_per_tissue=args.slides_per_tissue,
+            seed=args.seed,
+        )
+        print(
+            f"[demo]   {s.n_slides} slides, {len(s.tissues)} tissues, {s.n_genes} genes ({s.seconds:.1f}s)"
+        )
+        source = str(mirror)
+    os.environ["GTEX_SOURCE"] = source
+    home = ensure_dagster_home(root)
+    print(
+        f"[demo] source {source}\n[demo] data root {root}\n[demo] dagster home {home}", flush=True
+    )
+    materialize_all(
+        selection=args.select or None,
+        run_config=_load_run_config(args.config),
+        log=lambda m: print(f"[demo] {m}", flush=True),
+    )
+    print(f"\n[demo] finished in {time.time() - t0:.0f}s. Summary:")
+    con = connect_readonly(root / "gtex.duckdb")
+    for label, sql in _SUMMARY:
+        try:
+            value = con.execute(sql).fetchone()[0]
+        except Exception:
+            continue  # that stage is not in this run's selection
+        print(f"  {label:<28} {value}")
+    print(
+        f'\n  DuckDB catalog: {root / "gtex.duckdb"}  (gtex-assets sql "SHOW TABLES")\n'
+        f"  Plots:          {root / 'plots'}\n"
+        f"  Open the UI:    gtex-assets ui   (or DAGSTER_HOME={home} dagster dev -w workspace.yaml)"
+    )
+    return 0
+
+
+_SUMMARY = [
+    ("samples in histology CSV", "SELECT count(*) FROM histology_annotations"),
+    ("tissues", "SELECT count(DISTINCT tissue) FROM histology_annotations"),
+    ("RNA-seq samples", "SELECT count(*) FROM sample_attributes"),
+    ("selected slides", "SELECT count(*) FROM selected_slides"),
+    ("slides ok", "SELECT count(*) FROM raw_slides WHERE status = 'ok'"),
+    ("slides quarantined", "SELECT count(*) FROM slide_quarantine"),
+]
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from gtex_assets.lib.catalog import connect_readonly
+
+    root = _data_root(args.data_root)
+    try:
+        con = connect_readonly(root / "gtex.duckdb")
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        df = con.execute(args.query).df()
+    except Exception as e:  # duckdb's messages already name the table/column at fault
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(df.to_json(orient="records", indent=1))
+    elif args.csv:
+        df.to_csv(sys.stdout, index=False)
+    else:
+        print(df.to_markdown(index=False) if len(df) else "(no rows)")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from gtex_assets.runner import REPO_ROOT, ensure_dagster_home
+
+    root = _data_root(args.data_root)
+    ensure_dagster_home(root)
+    cmd = [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-w",
+        str(REPO_ROOT / "workspace.yaml"),
+        "-p",
+        str(args.port),
+    ]
+    print(f"starting the Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
+    os.chdir(REPO_ROOT)
+    os.execv(sys.executable, cmd)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gtex-assets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic GTEx-like mirror (demo and test data)")
+    s.add_argument("--out", required=True, help="mirror directory to write")
+    s.add_argument("--tissues", type=int, default=6, help="number of tissues (default 6)")
+    s.add_argument("--slides-per-tissue", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--slide-size", type=_parse_size, default=(2240, 1792), help="WxH level-0 pixels"
+    )
+    s.add_argument("--genes", type=int, default=2000, help="genes in the GCT")
+    s.set_defaults(fn=cmd_synth)
+
+    d = sub.add_parser(
+        "demo", help="materialise the whole pipeline (on a generated mirror by default)"
+    )
+    d.add_argument(
+        "--source",
+        help="an existing mirror (path or URI); default: $GTEX_SOURCE, else generate one",
+    )
+    d.add_argument("--config", help="run config file (YAML/JSON, Dagster 'ops:' layout)")
+    d.add_argument("--data-root", help="default: $GTEX_DATA_ROOT or ./gtex_data")
+    d.add_argument("--tissues", type=int, default=6, help="generated mirror: tissues")
+    d.add_argument(
+        "--slides-per-tissue", type=int, default=8, help="generated mirror: slides per tissue"
+    )
+    d.add_argument("--seed", type=int, default=0, help="generated mirror: seed")
+    d.add_argument("--select", nargs="*", help="only these assets (default: all)")
+    d.set_defaults(fn=cmd_demo)
+
+    q = sub.add_parser("sql", help="query the DuckDB catalog (read-only)")
+    q.add_argument("query")
+    q.add_argument("--data-root")
+    fmt = q.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true")
+    fmt.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_sql)
+
+    u = sub.add_parser("ui", help="open the Dagster UI on this data root")
+    u.add_argument("--data-root")
+    u.add_argument("--port", type=int, default=3000)
+    u.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
