@@ -85,6 +85,7 @@ def materialize_all(
     batch_size: int = 50,
     instance: dg.DagsterInstance | None = None,
     log: Callable[[str], None] = print,
+    log_level: str = "INFO",
 ) -> list[dg.ExecuteInProcessResult]:
     """Materialise every asset (or ``selection``) in order; raises if a run fails."""
     defs = load_definitions()
@@ -94,7 +95,7 @@ def materialize_all(
     for is_part, keys in _stages(defs, selection):
         names = ", ".join(k.to_user_string() for k in keys)
         sel = [k.to_user_string() for k in keys]
-        cfg = _config_for(run_config, sel)
+        cfg = _config_for(run_config, sel, log_level)
         if not is_part:
             t0 = time.time()
             log(f"→ {names}")
@@ -119,11 +120,13 @@ def materialize_all(
     return results
 
 
-def _config_for(run_config: dict | None, selection: list[str]) -> dict | None:
-    if not run_config:
-        return None
-    ops = {k: v for k, v in run_config.get("ops", {}).items() if k in selection}
-    return {"ops": ops} if ops else None
+def _config_for(run_config: dict | None, selection: list[str], log_level: str) -> dict:
+    """The run config of one stage: the user's op config for the selected assets only."""
+    cfg: dict = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    ops = {k: v for k, v in (run_config or {}).get("ops", {}).items() if k in selection}
+    if ops:
+        cfg["ops"] = ops
+    return cfg
 
 
 def _run(assets, defs, sel, cfg, instance, tags) -> dg.ExecuteInProcessResult:

@@ -6,15 +6,30 @@ import os
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 from gtex_assets.lib.ids import InvalidSampleIdError, validate_sample_id
 from gtex_assets.lib.slides import SlideReadError, inspect_slide
 from gtex_assets.lib.sources import GTExSource, Kind, SourceError
 
-RAW_SLIDE_COLUMNS = [
-    "tissue_sample_id", "tissue", "status", "reason", "path", "source_version",
-    "width", "height", "mpp_x", "mpp_y", "magnification", "levels", "level_downsamples",
-    "channels", "file_bytes", "fetched_at",
-]  # fmt: skip
+# One fixed schema so that per-slide files of ok and quarantined slides union cleanly.
+RAW_SLIDE_SCHEMA = pa.schema(
+    [
+        ("tissue_sample_id", pa.string()), ("tissue", pa.string()), ("status", pa.string()),
+        ("reason", pa.string()), ("path", pa.string()), ("source_version", pa.string()),
+        ("width", pa.int64()), ("height", pa.int64()), ("mpp_x", pa.float64()),
+        ("mpp_y", pa.float64()), ("magnification", pa.float64()), ("levels", pa.int64()),
+        ("level_downsamples", pa.list_(pa.float64())), ("channels", pa.int64()),
+        ("file_bytes", pa.int64()), ("fetched_at", pa.float64()),
+    ]
+)  # fmt: skip
+RAW_SLIDE_COLUMNS = RAW_SLIDE_SCHEMA.names
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{c: r.get(c) for c in RAW_SLIDE_COLUMNS} for r in rows], schema=RAW_SLIDE_SCHEMA
+    )
 
 
 def fetch_and_inspect(

@@ -78,3 +78,30 @@ def test_http_mirror_downloads_into_raw(mirror, tmp_path, cmu_slide):
 def test_unsupported_scheme():
     with pytest.raises(SourceError, match="unsupported scheme"):
         _ = GTExSource("ftp://example.org/gtex").mode
+
+
+def test_slide_download_from_http_mirror_resumes_after_a_broken_transfer(
+    mirror, tmp_path, cmu_slide
+):
+    """The server drops the connection mid-slide: the first fetch fails leaving a .part, the
+    next resumes with a Range request, and the slide is byte-identical."""
+    from gtex_assets.lib.http_mirror import MirrorController
+
+    ctl = MirrorController()
+    raw = tmp_path / "raw"
+    with serve_directory(mirror, controller=ctl) as url:
+        ctl.break_next(after_bytes=700_000)
+        opts = {"retries": 0, "backoff": 0.01, "chunk_size": 64 * 1024}
+        src = GTExSource(url, download_options=opts)
+        with pytest.raises(SourceError):
+            src.fetch(Kind.SLIDE, raw, "GTEX-1117F-0126")
+        part = raw / "slides" / "GTEX-1117F-0126.svs.part"
+        kept = part.stat().st_size  # whole chunks received before the break
+        assert 0 < kept <= 700_000
+        assert not (raw / "slides" / "GTEX-1117F-0126.svs").exists()
+        ctl.clear()
+        p = src.fetch(Kind.SLIDE, raw, "GTEX-1117F-0126")
+        ranges = [r.headers.get("Range") for r in ctl.gets()]
+        assert ranges == [f"bytes={kept}-"]
+    assert p.read_bytes() == cmu_slide.read_bytes()
+    assert not part.exists()

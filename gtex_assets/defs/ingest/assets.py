@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
 import pandas as pd
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from gtex_assets.defs.metadata import counts_md, table_metadata
@@ -11,7 +12,7 @@ from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
 from gtex_assets.lib.atomic import write_parquet
 from gtex_assets.lib.ids import InvalidSampleIdError
 from gtex_assets.lib.portal_csv import parse_portal_csv
-from gtex_assets.lib.raw_slides import RAW_SLIDE_COLUMNS, fetch_and_inspect
+from gtex_assets.lib.raw_slides import RAW_SLIDE_COLUMNS, fetch_and_inspect, rows_to_table
 from gtex_assets.lib.sample_attributes import attributes_from_gct_header, parse_sample_attributes
 from gtex_assets.lib.selection import select_slides
 from gtex_assets.lib.sources import Kind, SourceError
@@ -144,12 +145,12 @@ def raw_slides(
         except InvalidSampleIdError as e:
             # Never turn a malformed key into a path; report it in the run's metadata.
             return {"tissue_sample_id": sample_id, "status": "quarantined", "reason": str(e)}
-        prev = pd.read_parquet(part).iloc[0].to_dict() if _safe_is_file(part) else None
+        prev = pq.read_table(part).to_pylist()[0] if _safe_is_file(part) else None
         row = fetch_and_inspect(
             src, sample_id, tissue_of.get(sample_id), lk.raw, lk.quarantine, previous=prev
         )
         if row is not prev:
-            write_parquet(pd.DataFrame([row], columns=RAW_SLIDE_COLUMNS), part)
+            write_parquet(rows_to_table([row]), part)
         return row
 
     with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
