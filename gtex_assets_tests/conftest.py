@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,36 @@ def tiny_mirror(tmp_path_factory) -> Path:
         out, tissues=3, slides_per_tissue=3, seed=7, slide_size=(1344, 896), n_genes=300
     )
     return out
+
+
+@pytest.fixture
+def mini_mirror(tmp_path, cmu_slide, portal_csv_sample):
+    """12 portal rows (3 tissues x 4 samples): 11 real slides (copies of CMU), 1 truncated;
+    RNA for every other sample. Returns (mirror dir, sample ids, RNA sample ids)."""
+    from gtex_assets.lib.sources import GENE_TPM_GCT, SAMPLE_ATTRIBUTES
+
+    m = tmp_path / "mirror"
+    (m / "slides").mkdir(parents=True)
+    with open(portal_csv_sample, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if r["Tissue"] in ("Lung", "Thyroid", "Spleen")][:12]
+    with open(m / "GTEx Portal.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), quoting=csv.QUOTE_ALL)
+        w.writeheader()
+        w.writerows(keep)
+    ids = [r["Tissue Sample ID"] for r in keep]
+    for sid in ids[:-1]:
+        shutil.copy(cmu_slide, m / "slides" / f"{sid}.svs")
+    (m / "slides" / f"{ids[-1]}.svs").write_bytes(cmu_slide.read_bytes()[:5000])  # truncated
+    rna = ids[::2]
+    aliquots = [f"{s}-SM-A{i:04d}" for i, s in enumerate(rna)]
+    with open(m / SAMPLE_ATTRIBUTES, "w") as f:
+        f.write("SAMPID\tSMTS\tSMTSD\n")
+        for a, s in zip(aliquots, rna, strict=True):
+            t = next(r["Tissue"] for r in keep if r["Tissue Sample ID"] == s)
+            f.write(f"{a}\t{t.split(' - ')[0]}\t{t}\n")
+        f.write("K-562-SM-26GMQ\tBone Marrow\tCells - Leukemia cell line (CML)\n")
+    with gzip.open(m / GENE_TPM_GCT, "wt") as f:
+        f.write(f"#1.2\n1\t{len(aliquots)}\nName\tDescription\t" + "\t".join(aliquots) + "\n")
+        f.write("ENSG00000000001.1\tA1\t" + "\t".join(["1"] * len(aliquots)) + "\n")
+    return m, ids, set(rna)

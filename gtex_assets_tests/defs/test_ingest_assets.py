@@ -1,9 +1,5 @@
 """Materialise the ingest assets and the catalog on a small mirror built from the fixtures."""
 
-import csv
-import gzip
-import shutil
-
 import dagster as dg
 import duckdb
 import pandas as pd
@@ -16,7 +12,6 @@ from gtex_assets.defs.ingest.assets import (
     raw_slides,
     selected_slides,
 )
-from gtex_assets.lib.sources import GENE_TPM_GCT, SAMPLE_ATTRIBUTES
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 ASSETS = [
@@ -26,36 +21,6 @@ ASSETS = [
     raw_slides,
     duckdb_catalog,
 ]
-
-
-@pytest.fixture
-def mini_mirror(tmp_path, cmu_slide, portal_csv_sample):
-    """12 portal rows (3 tissues x 4 samples): 11 real slides (copies of CMU), 1 corrupt; RNA for 6."""
-    m = tmp_path / "mirror"
-    (m / "slides").mkdir(parents=True)
-    with open(portal_csv_sample, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep = [r for r in rows if r["Tissue"] in ("Lung", "Thyroid", "Spleen")][:12]
-    with open(m / "GTEx Portal.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]), quoting=csv.QUOTE_ALL)
-        w.writeheader()
-        w.writerows(keep)
-    ids = [r["Tissue Sample ID"] for r in keep]
-    for sid in ids[:-1]:
-        shutil.copy(cmu_slide, m / "slides" / f"{sid}.svs")
-    (m / "slides" / f"{ids[-1]}.svs").write_bytes(cmu_slide.read_bytes()[:5000])  # truncated
-    rna = ids[::2]
-    aliquots = [f"{s}-SM-A{i:04d}" for i, s in enumerate(rna)]
-    with open(m / SAMPLE_ATTRIBUTES, "w") as f:
-        f.write("SAMPID\tSMTS\tSMTSD\n")
-        for a, s in zip(aliquots, rna, strict=True):
-            t = next(r["Tissue"] for r in keep if r["Tissue Sample ID"] == s)
-            f.write(f"{a}\t{t.split(' - ')[0]}\t{t}\n")
-        f.write("K-562-SM-26GMQ\tBone Marrow\tCells - Leukemia cell line (CML)\n")
-    with gzip.open(m / GENE_TPM_GCT, "wt") as f:
-        f.write(f"#1.2\n1\t{len(aliquots)}\nName\tDescription\t" + "\t".join(aliquots) + "\n")
-        f.write("ENSG00000000001.1\tA1\t" + "\t".join(["1"] * len(aliquots)) + "\n")
-    return m, ids, set(rna)
 
 
 def _resources(root, mirror):

@@ -54,17 +54,22 @@ def gtex_sample_attributes(
     try:
         path = src.fetch(Kind.ATTRIBUTES, lk.raw)
         df, origin = parse_sample_attributes(path), str(path)
+        version = src.version(Kind.ATTRIBUTES, raw_dir=lk.raw)
     except SourceError as e:
         context.log.warning(f"sample attributes unavailable ({e}); using the GCT header")
         path = src.fetch(Kind.GCT, lk.raw)
         df, origin = attributes_from_gct_header(path), f"{path} (header)"
+        # The source sensor compares this with the attributes file's version: a file that
+        # appears later then counts as a change.
+        version = "absent"
     out = write_parquet(df, lk.table("sample_attributes"))
     return dg.MaterializeResult(
         metadata={
             **table_metadata(df, out),
             "rna_tissue_samples": dg.MetadataValue.int(int(df["tissue_sample_id"].nunique())),
             "origin": dg.MetadataValue.text(origin),
-        }
+        },
+        data_version=dg.DataVersion(version),
     )
 
 
