@@ -153,7 +153,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from gtex_assets.runner import REPO_ROOT, ensure_dagster_home
 
     root = _data_root(args.data_root)
-    ensure_dagster_home(root)
+    home = ensure_dagster_home(root)
+    if args.screenshot:
+        from gtex_assets.ui_check import screenshot_asset_graph
+
+        out = Path(
+            args.screenshot if args.screenshot != "-" else root / "plots" / "ui_asset_graph.png"
+        )
+        png, _ = screenshot_asset_graph(home, out.resolve(), group=args.group)
+        print(f"screenshot of the '{args.group}' asset graph: {png}")
+        return 0
     cmd = [
         sys.executable,
         "-m",
@@ -217,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="open the Dagster UI on this data root")
     u.add_argument("--data-root")
     u.add_argument("--port", type=int, default=3000)
+    u.add_argument(
+        "--screenshot", nargs="?", const="-", metavar="PNG",
+        help="instead of serving: start the UI on a free port, screenshot an asset group with "
+        "headless Chromium (default <data root>/plots/ui_asset_graph.png), stop",
+    )  # fmt: skip
+    u.add_argument("--group", default="ingest", help="asset group for --screenshot")
     u.set_defaults(fn=cmd_ui)
     return p
 
