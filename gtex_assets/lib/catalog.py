@@ -21,6 +21,13 @@ DERIVED_VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
         ("raw_slides",),
         "SELECT tissue_sample_id, tissue, reason, path FROM raw_slides WHERE status <> 'ok'",
     ),
+    # Long view of the gene-major matrix: one gene's values across samples read one row group.
+    "gene_expression": (
+        ("expression_matrix", "expression_samples"),
+        "SELECT s.aliquot_id, s.tissue_sample_id, s.tissue, m.gene_id, m.symbol, "
+        "m.log_tpm[s.sample_index + 1] AS log_tpm "
+        "FROM expression_matrix m CROSS JOIN expression_samples s",
+    ),
 }
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -3,6 +3,7 @@
 import dagster as dg
 import pandas as pd
 
+from gtex_assets.defs.expression.assets import gene_log_tpm
 from gtex_assets.defs.ingest.assets import (
     gtex_histology_annotations,
     gtex_sample_attributes,
@@ -16,7 +17,13 @@ from gtex_assets.resources import DataLakeResource
 @dg.asset(
     group_name="catalog",
     kinds={"duckdb"},
-    deps=[gtex_histology_annotations, gtex_sample_attributes, selected_slides, raw_slides],
+    deps=[
+        gtex_histology_annotations,
+        gtex_sample_attributes,
+        selected_slides,
+        raw_slides,
+        gene_log_tpm,
+    ],
     pool="duckdb_catalog",  # the only writer of gtex.duckdb; dagster.yaml limits pools to 1
 )
 def duckdb_catalog(
