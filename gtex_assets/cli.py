@@ -101,6 +101,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         log=lambda m: print(f"[demo] {m}", flush=True),
     )
     print(f"\n[demo] finished in {time.time() - t0:.0f}s. Summary:")
+    if not (root / "gtex.duckdb").is_file():
+        print("  (no DuckDB catalog yet: include duckdb_catalog in --select to query results)")
+        return 0
     con = connect_readonly(root / "gtex.duckdb")
     for label, sql in _SUMMARY:
         try:
@@ -237,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # With few cores shared by torch's and numpy's thread pools, busy-waiting OpenMP threads
+    # steal each other's cores; passive waiting keeps training and embedding at full speed.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     return int(args.fn(args) or 0)
 

@@ -90,7 +90,8 @@ def materialize_all(
     """Materialise every asset (or ``selection``) in order; raises if a run fails."""
     defs = load_definitions()
     instance = instance or dg.DagsterInstance.get()
-    assets = list(defs.assets or [])
+    # Checks ride along with their assets (blocking checks stop bad models feeding later stages).
+    assets = [*(defs.assets or []), *(defs.asset_checks or [])]
     results = []
     for is_part, keys in _stages(defs, selection):
         names = ", ".join(k.to_user_string() for k in keys)
