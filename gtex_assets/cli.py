@@ -53,19 +53,39 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_config(path: str | None) -> dict | None:
-    if not path:
-        return None
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+DEMO_CONFIG = Path(__file__).with_name("demo_config.yaml")
 
-        cfg = yaml.safe_load(text)
-    else:
-        cfg = json.loads(text)
+
+def _load_run_config(path: str | Path | None) -> dict:
+    if not path:
+        return {}
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SystemExit(f"run config {path}: {e.strerror}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            cfg = yaml.safe_load(text)
+        else:
+            cfg = json.loads(text)
+    except Exception as e:  # yaml/json errors carry line and column
+        raise SystemExit(f"run config {path}: not valid YAML/JSON ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("ops", {}), dict):
-        raise SystemExit(f"{path}: run config must be a mapping with an 'ops:' section")
+        raise SystemExit(f"run config {path}: must be a mapping with an 'ops:' section")
     return cfg
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """Deep-merge run configs: ``override`` wins key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = (
+            merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -75,7 +95,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     root = _data_root(args.data_root)
     source = args.source or os.environ.get("GTEX_SOURCE")
+    run_config = _load_run_config(args.config)
     if not source:
+        run_config = merge_config(_load_run_config(DEMO_CONFIG), run_config)
         from gtex_assets.lib.synth import generate_mirror
 
         mirror = root / "demo_mirror"
@@ -97,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     materialize_all(
         selection=args.select or None,
-        run_config=_load_run_config(args.config),
+        run_config=run_config,
         log=lambda m: print(f"[demo] {m}", flush=True),
     )
     print(f"\n[demo] finished in {time.time() - t0:.0f}s. Summary:")

@@ -124,7 +124,12 @@ def materialize_all(
 def _config_for(run_config: dict | None, selection: list[str], log_level: str) -> dict:
     """The run config of one stage: the user's op config for the selected assets only."""
     cfg: dict = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    ops = {k: v for k, v in (run_config or {}).get("ops", {}).items() if k in selection}
+    # An asset's op is named after it; its checks' ops are "<asset>_<check>".
+    ops = {
+        k: v
+        for k, v in (run_config or {}).get("ops", {}).items()
+        if k in selection or any(k.startswith(f"{s}_") for s in selection)
+    }
     if ops:
         cfg["ops"] = ops
     return cfg
