@@ -1,0 +1,262 @@
+"""Analysis assets on small synthetic inputs written straight into a data root (no image pipeline).
+
+Three models embed 42 slides (14 donors × 3 tissues): an off-the-shelf backbone (noise with a weak
+tissue signal), an epoch-1 checkpoint, and the selected epoch-5 checkpoint whose embedding carries
+a strong tissue signal and a linear image of 3 latent factors. 6 of 60 genes (the planted
+"image-linked" ones) follow those factors; every gene also has tissue means.
+"""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from gtex_assets.defs.analysis.assets import (
+    cluster_transcriptome,
+    embedding_views,
+    feature_comparison,
+    gene_r2,
+)
+from gtex_assets.lib import vector_store as V
+from gtex_assets.lib.atomic import write_parquet
+from gtex_assets.lib.expression import ExpressionParams, ExpressionResult, write_outputs
+from gtex_assets.lib.lake import Lake
+from gtex_assets.resources import DataLakeResource, GTExSourceResource
+
+TISSUES = ["Lung", "Liver", "Thyroid"]
+N_DONORS, N_GENES, DIM = 14, 60, 24
+LINKED = [f"ENSG{i:011d}.1" for i in range(6)]  # the planted image-linked genes
+OTS, E1, E5 = "efficientnet_b0-imagenet", "run1-e01", "run1-e05"
+
+
+def _write_inputs(root, mirror) -> None:
+    rng = np.random.default_rng(3)
+    lk = Lake.at(root)
+    donors = [f"GTEX-{1000 + i:04X}" for i in range(N_DONORS)]
+    rows = [(d, t, f"{d}-{1026 + 100 * j:04d}") for d in donors for j, t in enumerate(TISSUES)]
+    meta = pd.DataFrame(rows, columns=["subject_id", "tissue", "tissue_sample_id"])
+    n = len(meta)
+    t_idx = meta["tissue"].map({t: i for i, t in enumerate(TISSUES)}).to_numpy()
+    z = rng.standard_normal((n, 3))  # per-slide morphology factors
+    centres = rng.standard_normal((len(TISSUES), DIM)) * 4.0
+    W = rng.standard_normal((3, DIM))
+
+    def emb(tissue_scale: float, factor_scale: float, noise: float) -> np.ndarray:
+        return (
+            tissue_scale * centres[t_idx]
+            + factor_scale * z @ W
+            + noise * rng.standard_normal((n, DIM))
+        )
+
+    vecs = {OTS: emb(0.25, 0.0, 1.0), E1: emb(0.6, 0.5, 1.0), E5: emb(1.0, 1.0, 0.3)}
+    parts, allv = [], []
+    for mid, v in vecs.items():
+        m = meta.assign(
+            model_id=mid, row_id=mid + "|" + meta["tissue_sample_id"], split="train", n_tiles=3
+        )
+        m["cluster"] = t_idx
+        m["content_hash"] = "h"
+        parts.append(m)
+        allv.append(v)
+    slide_meta = pd.concat(parts, ignore_index=True)
+    write_parquet(
+        V.table_from_frame(slide_meta, np.vstack(allv), V.slide_schema(DIM)),
+        lk.table("slide_embeddings"),
+    )
+    write_parquet(
+        pd.DataFrame(
+            {
+                "model_id": [E1, E5, OTS],
+                "kind": ["checkpoint", "checkpoint", "off_the_shelf"],
+                "backbone": "efficientnet_b0",
+                "weights": ["checkpoint", "checkpoint", "imagenet"],
+                "epoch": pd.array([1, 5, None], dtype="Int64"),
+                "selected": [False, True, False],
+            }
+        ),
+        lk.table("embedding_models"),
+    )
+    write_parquet(
+        pd.DataFrame({"model_id": [E1, E5], "epoch": [1, 5], "selected": [False, True]}),
+        lk.table("classifier_checkpoints"),
+    )
+    # three tiles per slide for the off-the-shelf and the selected model
+    for i, sid in enumerate(meta["tissue_sample_id"]):
+        tm, tv = [], []
+        for mid in (OTS, E5):
+            tv.append(vecs[mid][i] + 0.2 * rng.standard_normal((3, DIM)))
+            tm.append(
+                pd.DataFrame(
+                    {
+                        "model_id": mid,
+                        "tile_id": [f"{sid}_{k}_0" for k in range(3)],
+                        "tissue_sample_id": sid,
+                        "subject_id": meta["subject_id"].iloc[i],
+                        "tissue": meta["tissue"].iloc[i],
+                        "sampled": True,
+                    }
+                )
+            )
+        full = pd.concat(tm, ignore_index=True)
+        full["row_id"] = full["model_id"] + "|" + full["tile_id"]
+        write_parquet(
+            V.table_from_frame(full, np.vstack(tv), V.tile_schema(DIM)),
+            lk.partition_table("tile_embeddings", sid),
+        )
+
+    # expression: tissue means for every gene + the factors for the planted ones
+    genes = [f"ENSG{i:011d}.1" for i in range(N_GENES)]
+    tissue_means = rng.uniform(3, 9, (len(TISSUES), N_GENES))
+    Y = tissue_means[t_idx] + 0.5 * rng.standard_normal((n, N_GENES))
+    for g in range(len(LINKED)):
+        Y[:, g] += 1.5 * z[:, g % 3]
+    aliquots = (meta["tissue_sample_id"] + "-SM-A1").tolist()
+    gene_tbl = pd.DataFrame(
+        {
+            "gene_id": genes,
+            "symbol": [f"GENE{i}" for i in range(N_GENES)],
+            "kept": True,
+            "matrix_index": pd.array(range(N_GENES), dtype="Int64"),
+        }
+    )
+    res = ExpressionResult(
+        source=root / "fake.gct.gz",
+        sample_ids=aliquots,
+        genes=gene_tbl,
+        chunks=[(np.arange(N_GENES), Y.T.astype(np.float32))],
+        counts={"kept": N_GENES},
+        hist_before=np.zeros(3),
+        hist_after=np.zeros(3),
+        params=ExpressionParams(),
+    )
+    samples = pd.DataFrame(
+        {
+            "aliquot_id": aliquots,
+            "tissue_sample_id": meta["tissue_sample_id"],
+            "subject_id": meta["subject_id"],
+            "tissue": meta["tissue"],
+            "sample_index": np.arange(n, dtype=np.int64),
+        }
+    )
+    write_outputs(res, samples, root)
+    (mirror / "truth").mkdir(parents=True)
+    pd.DataFrame({"gene_id": LINKED, "symbol": [f"GENE{i}" for i in range(6)]}).to_csv(
+        mirror / "truth" / "image_linked_genes.csv", index=False
+    )
+
+
+@pytest.fixture
+def analysis_root(tmp_path):
+    root, mirror = tmp_path / "data", tmp_path / "mirror"
+    _write_inputs(root, mirror)
+    return root, mirror
+
+
+def _meta(result, key: str):
+    md = result.asset_materializations_for_node(key)[0].metadata
+    return {k: getattr(v, "value", v) for k, v in md.items()}
+
+
+def test_analysis_assets_end_to_end(analysis_root):
+    root, mirror = analysis_root
+    result = dg.materialize(
+        [embedding_views, gene_r2, cluster_transcriptome, feature_comparison],
+        resources={
+            "lake": DataLakeResource(root=str(root)),
+            "gtex_source": GTExSourceResource(source=str(mirror)),
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={
+            "ops": {
+                "embedding_views": {
+                    "config": {"methods": ["tsne"], "n_components": 10, "max_iter": 250}
+                },
+                "gene_r2": {"config": {"n_splits": 5, "inner_splits": 4}},
+                "cluster_transcriptome": {"config": {"n_clusters": 6, "n_components": 10}},
+                "feature_comparison": {"config": {"n_repeats": 3}},
+            }
+        },
+    )
+    assert result.success
+    lk = Lake.at(root)
+    tables = lk.tables
+
+    # embedding_views: coords for every view, silhouettes sharpen with fine-tuning
+    coords = pd.read_parquet(tables / "projection_coords.parquet")
+    assert set(coords["view"]) == {"slides", "tiles", "expression", "joint"}
+    assert set(coords["method"]) == {"pca", "tsne"}
+    assert list(coords.columns) == ["view", "model_id", "sample_id", "tissue", "method", "x", "y"]
+    slides = coords[(coords["view"] == "slides") & (coords["method"] == "tsne")]
+    assert slides.groupby("model_id").size().to_dict() == {OTS: 42, E1: 42, E5: 42}
+    assert (coords[(coords["view"] == "tiles") & (coords["method"] == "pca")].shape[0]) == 2 * 126
+    sil = pd.read_parquet(tables / "projection_silhouettes.parquet")
+    assert {"view", "model_id", "epoch", "space", "silhouette"} <= set(sil.columns)
+    pca = sil[(sil["view"] == "slides") & (sil["space"] == "pca")].set_index("model_id")
+    assert pca.loc[E5, "silhouette"] > pca.loc[E1, "silhouette"] > pca.loc[OTS, "silhouette"]
+    assert pca.loc[E5, "epoch"] == 5 and pd.isna(pca.loc[OTS, "epoch"])
+    mv = _meta(result, "embedding_views")
+    assert mv["silhouette_selected"] > mv["silhouette_off_the_shelf"]
+    assert E5 in mv["selected_model_id"]
+    assert np.isfinite(mv["silhouette_joint"]) and np.isfinite(mv["silhouette_image_only"])
+    assert (lk.plot("analysis/silhouette_trend.png")).is_file()
+    assert (lk.plot(f"analysis/view_slides_{E5}.png")).is_file()
+
+    # gene_r2: the planted genes are the top 6 (within tissue, tissue means removed)
+    g = pd.read_parquet(tables / "gene_r2.parquet")
+    assert list(g.columns) == ["gene", "symbol", "r2", "pearson_r", "alpha", "rank"]
+    assert len(g) == N_GENES and g["rank"].tolist() == list(range(1, N_GENES + 1))
+    assert set(g["gene"].head(6)) == set(LINKED)
+    assert g["r2"].head(6).min() > 0.4 and g["r2"].iloc[6:].max() < 0.2
+    mg = _meta(result, "gene_r2")
+    assert mg["planted_recall_at_k"] == 1.0
+    assert mg["mean_r2_non_linked"] < 0.05
+    assert mg["n_splits"] == 5 and mg["donors"] == N_DONORS and mg["tissue_strata"] is True
+
+    # cluster_transcriptome: per-gene R² of both methods, same genes
+    c = pd.read_parquet(tables / "cluster_transcriptome_r2.parquet")
+    assert len(c) == N_GENES and {"r2_ridge", "r2_cluster", "delta_r2"} <= set(c.columns)
+    assert c.set_index("gene").loc[LINKED, "r2_ridge"].min() > 0.4
+    mc = _meta(result, "cluster_transcriptome")
+    assert np.isfinite(mc["median_r2_cluster"]) and np.isfinite(mc["median_r2_ridge"])
+
+    # feature_comparison: p-values per gene, fine-tuned better on the planted genes
+    fg = pd.read_parquet(tables / "feature_comparison_genes.parquet")
+    fa = pd.read_parquet(tables / "feature_comparison_accuracy.parquet")
+    assert len(fg) == N_GENES and len(fa) == 3
+    assert {"p_wilcoxon", "p_corrected", "q_corrected", "significant", "improved"} <= set(
+        fg.columns
+    )
+    assert fg["p_corrected"].notna().all()
+    linked = fg.set_index("gene").loc[LINKED]
+    assert (linked["r2_b_mean"] > linked["r2_a_mean"]).all()
+    assert fa["accuracy_b"].mean() >= fa["accuracy_a"].mean()
+    mf = _meta(result, "feature_comparison")
+    assert mf["fine_tuned"] == E5 and mf["off_the_shelf"] == OTS
+    assert E5 in mf["summary"] and "Wilcoxon" in mf["summary"]
+
+
+def test_gene_r2_lowers_folds_for_few_donors(analysis_root):
+    root, mirror = analysis_root
+    lk = Lake.at(root)
+    # keep 4 donors only: 4 outer folds, 3 training donors → 3 inner folds
+    tbl = pq.read_table(lk.table("slide_embeddings")).to_pandas()
+    keep = sorted(tbl["subject_id"].unique())[:4]
+    small = tbl[tbl["subject_id"].isin(keep)].reset_index(drop=True)
+    vec = np.vstack(small[V.VECTOR].to_numpy())
+    write_parquet(
+        V.table_from_frame(small.drop(columns=[V.VECTOR]), vec, V.slide_schema(DIM)),
+        lk.table("slide_embeddings"),
+    )
+    result = dg.materialize(
+        [gene_r2],
+        resources={
+            "lake": DataLakeResource(root=str(root)),
+            "gtex_source": GTExSourceResource(source=str(mirror)),
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    m = _meta(result, "gene_r2")
+    assert m["n_splits"] == 4 and m["inner_splits"] == 3 and m["folds_lowered"] is True
+    assert m["samples"] == 12
