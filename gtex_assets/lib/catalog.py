@@ -21,6 +21,20 @@ DERIVED_VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
         ("raw_slides",),
         "SELECT tissue_sample_id, tissue, reason, path FROM raw_slides WHERE status <> 'ok'",
     ),
+    "tiling_problems": (
+        ("tiling_status",),
+        "SELECT tissue_sample_id, tissue, status, reason, n_tiles, n_errors FROM tiling_status "
+        "WHERE status <> 'ok' OR n_errors > 0",
+    ),
+    "tile_verdict_counts": (
+        ("filtered_tiles",),
+        "SELECT tissue, verdict, count(*) AS tiles FROM filtered_tiles GROUP BY ALL ORDER BY ALL",
+    ),
+    "slide_split": (
+        ("selected_slides", "donor_split"),
+        "SELECT s.tissue_sample_id, s.tissue, s.subject_id, d.split "
+        "FROM selected_slides s JOIN donor_split d USING (subject_id)",
+    ),
     # Long view of the gene-major matrix: one gene's values across samples read one row group.
     "gene_expression": (
         ("expression_matrix", "expression_samples"),

@@ -1,0 +1,169 @@
+"""Materialise the tiles group: slide_tiles -> filtered_tiles -> balanced_tile_sample."""
+
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from gtex_assets.defs.ingest.assets import (
+    gtex_histology_annotations,
+    gtex_sample_attributes,
+    raw_slides,
+    selected_slides,
+)
+from gtex_assets.defs.tiles.assets import (
+    balanced_sample_split_is_clean,
+    balanced_tile_sample,
+    filtered_tiles,
+    slide_tiles,
+)
+from gtex_assets.resources import DataLakeResource, GTExSourceResource
+
+INGEST = [gtex_histology_annotations, gtex_sample_attributes, selected_slides]
+
+
+def _resources(root, mirror):
+    return {
+        "lake": DataLakeResource(root=str(root)),
+        "gtex_source": GTExSourceResource(source=str(mirror)),
+    }
+
+
+def _all_slides(instance) -> dict[str, str]:
+    parts = instance.get_dynamic_partitions("slides")
+    return {
+        "dagster/asset_partition_range_start": parts[0],
+        "dagster/asset_partition_range_end": parts[-1],
+    }
+
+
+def _metadata(result, asset: str) -> dict:
+    """The run's metadata for ``asset`` (a multi-partition run records it once per partition)."""
+    events = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.asset_key.to_user_string() == asset
+    ]
+    assert events
+    return events[0].materialization.metadata
+
+
+def _read_dir(root: Path, name: str) -> pd.DataFrame:
+    return pd.concat(
+        [pd.read_parquet(p) for p in sorted((root / "tables" / name).glob("*.parquet"))]
+    )
+
+
+def test_tiles_group_on_a_generated_mirror(tmp_path, tiny_mirror):
+    root = tmp_path / "root"
+    instance = dg.DagsterInstance.ephemeral()
+    res = _resources(root, tiny_mirror)
+    assert dg.materialize(INGEST, resources=res, instance=instance).success
+    tags = _all_slides(instance)
+    assert dg.materialize([raw_slides], resources=res, instance=instance, tags=tags).success
+    cfg = {"ops": {"slide_tiles": {"config": {"workers": 1}}}}
+    r = dg.materialize(
+        [slide_tiles, filtered_tiles], resources=res, instance=instance, tags=tags, run_config=cfg
+    )
+    assert r.success
+    parts = set(instance.get_dynamic_partitions("slides"))
+    assert instance.get_materialized_partitions(dg.AssetKey("filtered_tiles")) == parts
+
+    status = _read_dir(root, "tiling_status")
+    assert set(status["tissue_sample_id"]) == parts and set(status["status"]) == {"ok"}
+    index = _read_dir(root, "slide_tiles")
+    assert index["path"].map(lambda p: Path(p).is_file()).all()
+    assert status["n_tiles"].sum() == len(index)
+    filtered = _read_dir(root, "filtered_tiles")
+    assert len(filtered) == len(index)
+    assert set(filtered["verdict"]) <= {"kept", "small_file", "half_empty", "dirt", "error"}
+    truth = pd.read_csv(tiny_mirror / "truth" / "artefacts.csv")
+    hits = truth.rename(columns={"sample_id": "tissue_sample_id"}).merge(
+        filtered, on=["tissue_sample_id", "x", "y"]
+    )
+    assert len(hits) == len(truth) and (hits["verdict"] != "kept").all()
+
+    md = _metadata(r, "filtered_tiles")
+    assert md["kept"].value == int((filtered["verdict"] == "kept").sum())
+    assert "data:image/png;base64," in md["montage"].value
+    assert "half_empty" in md["verdicts"].value and "Lung" in md["verdicts_per_tissue"].value
+    assert _metadata(r, "slide_tiles")["tiles"].value == len(index)
+
+    cfg = {
+        "ops": {
+            "balanced_tile_sample": {
+                "config": {"tiles_per_slide": 1, "tissue_target": 2, "test_fraction": 0.34}
+            }
+        }
+    }
+    r = dg.materialize(
+        [balanced_tile_sample, balanced_sample_split_is_clean],
+        resources=res,
+        instance=instance,
+        run_config=cfg,
+    )
+    assert r.success
+    (check,) = r.get_asset_check_evaluations()
+    assert check.passed
+    sample = pd.read_parquet(root / "tables" / "balanced_tile_sample.parquet")
+    kept = filtered[filtered["verdict"] == "kept"]
+    per_tissue = sample.groupby("tissue").size()
+    avail = kept.groupby("tissue").size()
+    # Target max(2, 1 x 3 slides) = 3 per tissue, or all kept tiles where fewer.
+    assert per_tissue.to_dict() == {t: min(3, n) for t, n in avail.items()}
+    assert sample["path"].map(lambda p: Path(p).is_absolute() and Path(p).is_file()).all()
+    assert sample.merge(kept, on=["tissue_sample_id", "x", "y"]).shape[0] == len(sample)
+    assert (sample.groupby("subject_id")["split"].nunique() == 1).all()
+    split = pd.read_parquet(root / "tables" / "donor_split.parquet")
+    sel = pd.read_parquet(root / "tables" / "selected_slides.parquet")
+    assert set(split["subject_id"]) == set(sel["subject_id"])
+    assert set(split["split"]) == {"train", "test"}
+    side = dict(zip(split["subject_id"], split["split"], strict=True))
+    assert (sample["split"] == sample["subject_id"].map(side)).all()  # the recorded split
+    md = _metadata(r, "balanced_tile_sample")
+    assert md["donors_on_both_sides"].value == 0
+    assert "data:image/png;base64," in md["montage"].value
+
+
+def test_quarantined_slides_are_recorded_and_done_slides_skipped(tmp_path, mini_mirror):
+    mirror, ids, _ = mini_mirror
+    root = tmp_path / "root"
+    instance = dg.DagsterInstance.ephemeral()
+    res = _resources(root, mirror)
+    cfg = {"ops": {"selected_slides": {"config": {"slides_per_tissue": 4}}}}
+    assert dg.materialize(INGEST, resources=res, instance=instance, run_config=cfg).success
+    tags = _all_slides(instance)
+    assert dg.materialize([raw_slides], resources=res, instance=instance, tags=tags).success
+    cfg = {"ops": {"slide_tiles": {"config": {"workers": 1}}}}
+    r = dg.materialize([slide_tiles], resources=res, instance=instance, tags=tags, run_config=cfg)
+    assert r.success  # the truncated slide does not fail the backfill
+    status = _read_dir(root, "tiling_status").set_index("tissue_sample_id")
+    bad = ids[-1]
+    assert (
+        status.loc[bad, "status"] == "quarantined"
+        and "raw slide quarantined" in status.loc[bad, "reason"]
+    )
+    ok = status[status["status"] == "ok"]
+    assert len(ok) == len(status) - 1
+    (per_slide,) = set(ok["n_tiles"])  # the CMU slide, every copy: the same tiles
+    assert 9 <= per_slide <= 16
+    assert pd.read_parquet(root / "tables" / "slide_tiles" / f"{bad}.parquet").empty
+    md = _metadata(r, "slide_tiles")
+    assert md["tiles"].value == per_slide * len(ok) and bad in md["not_tiled"].value
+
+    # Same parameters: nothing is re-tiled, the index files are untouched.
+    first = ok.index[0]
+    index_file = root / "tables" / "slide_tiles" / f"{first}.parquet"
+    mtime = index_file.stat().st_mtime_ns
+    r = dg.materialize([slide_tiles], resources=res, instance=instance, tags=tags, run_config=cfg)
+    assert _metadata(r, "slide_tiles")["skipped_already_done"].value == len(ok)
+    assert index_file.stat().st_mtime_ns == mtime
+    # New parameters: re-tiled (a different tissue-fraction threshold gives a different grid).
+    cfg = {"ops": {"slide_tiles": {"config": {"workers": 1, "min_tissue_fraction": 0.9}}}}
+    r = dg.materialize([slide_tiles], resources=res, instance=instance, tags=tags, run_config=cfg)
+    assert _metadata(r, "slide_tiles")["skipped_already_done"].value == 0
+    fewer = pd.read_parquet(index_file)
+    assert 0 < len(fewer) < per_slide and (fewer["tissue_fraction"] >= 0.9).all()
+    assert sorted(p.name for p in (root / "tiles" / first).glob("*.jpg")) == sorted(
+        Path(p).name for p in fewer["path"]
+    )
