@@ -148,6 +148,22 @@ _SUMMARY = [
     ("selected slides", "SELECT count(*) FROM selected_slides"),
     ("slides ok", "SELECT count(*) FROM raw_slides WHERE status = 'ok'"),
     ("slides quarantined", "SELECT count(*) FROM slide_quarantine"),
+    ("tiles cut", "SELECT count(*) FROM slide_tiles"),
+    ("tiles kept by the filters", "SELECT count(*) FROM filtered_tiles WHERE verdict = 'kept'"),
+    ("tiles in the balanced sample", "SELECT count(*) FROM balanced_tile_sample"),
+    ("genes kept (of all)", "SELECT sum(kept::INT) || ' of ' || count(*) FROM expression_genes"),
+    (
+        "classifier test acc (tile/slide)",
+        "SELECT round(test_acc, 3) || ' / ' || round(slide_test_acc, 3) FROM classifier_checkpoints WHERE selected",
+    ),
+    (
+        "slide embeddings (models)",
+        "SELECT count(*) || ' (' || count(DISTINCT model_id) || ')' FROM slide_embeddings",
+    ),
+    (
+        "top genes by R2",
+        "SELECT string_agg(symbol || ' ' || round(r2, 2), ', ') FROM (SELECT * FROM gene_r2 ORDER BY r2 DESC LIMIT 5)",
+    ),
 ]
 
 
@@ -247,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true")
     fmt.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_sql)
+
+    from gtex_assets.lib.nearest_cli import add_nearest_subcommand
+
+    add_nearest_subcommand(sub)
 
     u = sub.add_parser("ui", help="open the Dagster UI on this data root")
     u.add_argument("--data-root")

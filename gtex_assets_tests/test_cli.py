@@ -15,7 +15,7 @@ EXE = Path(sys.executable).parent / "gtex-assets"
 
 def test_help_lists_the_subcommands():
     out = subprocess.run([str(EXE), "--help"], capture_output=True, text=True, check=True).stdout
-    for sub in ("synth", "demo", "sql", "ui"):
+    for sub in ("synth", "demo", "sql", "nearest", "ui"):
         assert sub in out
 
 

@@ -35,6 +35,10 @@ DERIVED_VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
         "SELECT s.tissue_sample_id, s.tissue, s.subject_id, d.split "
         "FROM selected_slides s JOIN donor_split d USING (subject_id)",
     ),
+    "slide_clusters": (
+        ("slide_embeddings",),
+        "SELECT model_id, cluster, tissue, count(*) AS slides FROM slide_embeddings GROUP BY ALL",
+    ),
     # Long view of the gene-major matrix: one gene's values across samples read one row group.
     "gene_expression": (
         ("expression_matrix", "expression_samples"),

@@ -3,6 +3,13 @@
 import dagster as dg
 import pandas as pd
 
+from gtex_assets.defs.analysis.assets import (
+    cluster_transcriptome,
+    embedding_views,
+    feature_comparison,
+    gene_r2,
+)
+from gtex_assets.defs.embeddings.assets import slide_embeddings, tile_embeddings
 from gtex_assets.defs.expression.assets import gene_log_tpm
 from gtex_assets.defs.ingest.assets import (
     gtex_histology_annotations,
@@ -10,6 +17,8 @@ from gtex_assets.defs.ingest.assets import (
     raw_slides,
     selected_slides,
 )
+from gtex_assets.defs.model.assets import tissue_classifier
+from gtex_assets.defs.tiles.assets import balanced_tile_sample, filtered_tiles, slide_tiles
 from gtex_assets.lib.catalog import build_catalog
 from gtex_assets.resources import DataLakeResource
 
@@ -23,6 +32,16 @@ from gtex_assets.resources import DataLakeResource
         selected_slides,
         raw_slides,
         gene_log_tpm,
+        slide_tiles,
+        filtered_tiles,
+        balanced_tile_sample,
+        tissue_classifier,
+        tile_embeddings,
+        slide_embeddings,
+        embedding_views,
+        gene_r2,
+        cluster_transcriptome,
+        feature_comparison,
     ],
     pool="duckdb_catalog",  # the only writer of gtex.duckdb; dagster.yaml limits pools to 1
 )
