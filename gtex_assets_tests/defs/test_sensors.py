@@ -92,3 +92,37 @@ def test_new_slides_sensor_batches_only_missing_slides(tmp_path, monkeypatch, mi
     (req,) = _tick(new_slides_sensor, instance, defs)
     assert req.tags["dagster/asset_partition_range_start"] == "GTEX-1117F-9926"
     assert req.tags["dagster/asset_partition_range_end"] == "GTEX-1117F-9926"
+
+
+def test_source_sensor_rewritten_gct_requests_expression_and_its_aggregates(
+    tmp_path, monkeypatch, tiny_mirror
+):
+    import gzip
+    import shutil
+
+    from gtex_assets.defs.expression.assets import gene_log_tpm
+    from gtex_assets.lib.sources import GENE_TPM_GCT
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(tiny_mirror, mirror)
+    monkeypatch.setenv("GTEX_SOURCE", str(mirror))
+    monkeypatch.setenv("GTEX_DATA_ROOT", str(tmp_path / "root"))
+    defs = load_definitions()
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize([*INGEST, gene_log_tpm], resources=defs.resources, instance=instance)
+    assert _tick(gtex_source_sensor, instance, defs) == []  # nothing changed
+
+    # Rewrite the GCT (same content, new bytes): only the expression branch is requested.
+    gct = mirror / GENE_TPM_GCT
+    text = gzip.decompress(gct.read_bytes())
+    gct.write_bytes(gzip.compress(text, compresslevel=1))
+    (req,) = _tick(gtex_source_sensor, instance, defs)
+    names = {k.to_user_string() for k in req.asset_selection}
+    assert "gene_log_tpm" in names
+    assert {"gene_r2", "embedding_views", "duckdb_catalog"} <= names  # its aggregates follow
+    assert not names & {
+        "gtex_histology_annotations",
+        "selected_slides",
+        "raw_slides",
+        "slide_tiles",
+    }
