@@ -132,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             value = con.execute(sql).fetchone()[0]
         except Exception:
             continue  # that stage is not in this run's selection
-        print(f"  {label:<28} {value}")
+        print(f"  {label:<34} {value}")
     print(
         f'\n  DuckDB catalog: {root / "gtex.duckdb"}  (gtex-assets sql "SHOW TABLES")\n'
         f"  Plots:          {root / 'plots'}\n"
