@@ -133,6 +133,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except Exception:
             continue  # that stage is not in this run's selection
         print(f"  {label:<34} {value}")
+    truth = Path(source) / "truth" / "image_linked_genes.csv"
+    if truth.is_file():
+        _print_planted_recall(con, truth)
     print(
         f'\n  DuckDB catalog: {root / "gtex.duckdb"}  (gtex-assets sql "SHOW TABLES")\n'
         f"  Plots:          {root / 'plots'}\n"
@@ -165,6 +168,24 @@ _SUMMARY = [
         "SELECT string_agg(symbol || ' ' || round(r2, 2), ', ') FROM (SELECT * FROM gene_r2 ORDER BY r2 DESC LIMIT 5)",
     ),
 ]
+
+
+def _print_planted_recall(con, truth: Path) -> None:
+    """On a generated mirror: how many planted image-linked genes (that survived the
+    expression filters) gene_r2 ranks in its top K, K = their number."""
+    try:
+        k, hits = con.execute(
+            "WITH planted AS (SELECT gene_id FROM read_csv(?) "
+            "WHERE gene_id IN (SELECT gene FROM gene_r2)), "
+            "top AS (SELECT gene FROM gene_r2 ORDER BY rank LIMIT (SELECT count(*) FROM planted)) "
+            "SELECT (SELECT count(*) FROM planted), count(*) FROM top "
+            "WHERE gene IN (SELECT gene_id FROM planted)",
+            [str(truth)],
+        ).fetchone()
+    except Exception:
+        return  # gene_r2 not in this run's selection
+    if k:
+        print(f"  {'planted genes in R2 top K':<34} {hits} of K={k} (recall {hits / k:.2f})")
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -250,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-root", help="default: $GTEX_DATA_ROOT or ./gtex_data")
     d.add_argument("--tissues", type=int, default=6, help="generated mirror: tissues")
     d.add_argument(
-        "--slides-per-tissue", type=int, default=8, help="generated mirror: slides per tissue"
+        "--slides-per-tissue",
+        type=int,
+        default=24,
+        help="generated mirror: slides per tissue (24 give per-gene R² enough slides to rank planted genes first)",
     )
     d.add_argument("--seed", type=int, default=0, help="generated mirror: seed")
     d.add_argument("--select", nargs="*", help="only these assets (default: all)")
