@@ -117,11 +117,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"[demo] source {source}\n[demo] data root {root}\n[demo] dagster home {home}", flush=True
     )
-    materialize_all(
-        selection=args.select or None,
-        run_config=run_config,
-        log=lambda m: print(f"[demo] {m}", flush=True),
-    )
+    try:
+        materialize_all(
+            selection=args.select or None,
+            run_config=run_config,
+            log=lambda m: print(f"[demo] {m}", flush=True),
+        )
+    except Exception as e:  # a failed step: say which and why, not a wall of traceback
+        cause = getattr(e, "user_exception", None) or e.__cause__ or e
+        msg = getattr(cause, "description", None) or str(cause)
+        print(f"\n[demo] failed: {msg}", file=sys.stderr)
+        print(f"[demo] the run, its logs and the full traceback are in the UI: "
+              f"gtex-assets ui --data-root {root}", file=sys.stderr)  # fmt: skip
+        return 1
     print(f"\n[demo] finished in {time.time() - t0:.0f}s. Summary:")
     if not (root / "gtex.duckdb").is_file():
         print("  (no DuckDB catalog yet: include duckdb_catalog in --select to query results)")

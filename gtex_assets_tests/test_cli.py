@@ -87,3 +87,15 @@ def test_environment_contract(tmp_path, mini_mirror):
                    env=env, check=True, capture_output=True)  # fmt: skip
     assert (tmp_path / "r" / "tables" / "histology_annotations.parquet").is_file()
     assert (tmp_path / "r" / "gtex.duckdb").is_file()
+
+
+def test_demo_reports_a_failed_step_plainly(tmp_path, mini_mirror, capsys):
+    mirror, _, _ = mini_mirror
+    with open(mirror / "GTEx Portal.csv", "a") as f:
+        f.write('"not-an-id","Lung","GTEX-1117F","male","60-69","","",""\n')
+    rc = main(["demo", "--source", str(mirror), "--data-root", str(tmp_path / "r"),
+               "--select", "gtex_histology_annotations"])  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "[demo] failed:" in err and "'not-an-id' is not a GTEx tissue sample id" in err
+    assert "line 14" in err
