@@ -107,6 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             tissues=args.tissues,
             slides_per_tissue=args.slides_per_tissue,
             seed=args.seed,
+            slide_size=args.slide_size,
         )
         print(
             f"[demo]   {s.n_slides} slides, {len(s.tissues)} tissues, {s.n_genes} genes ({s.seconds:.1f}s)"
@@ -285,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generated mirror: slides per tissue (24 give per-gene R² enough slides to rank planted genes first)",
     )
     d.add_argument("--seed", type=int, default=0, help="generated mirror: seed")
+    d.add_argument(
+        "--slide-size", type=_parse_size, default=(2240, 1792),
+        help="generated mirror: WxH level-0 pixels per slide",
+    )  # fmt: skip
     d.add_argument("--select", nargs="*", help="only these assets (default: all)")
     d.set_defaults(fn=cmd_demo)
 
