@@ -820,6 +820,18 @@ def _write_if_changed(df: pd.DataFrame, path: Path) -> None:
     write_parquet(df, path)
 
 
+def _tile_source(split, cfg: TrainConfig, rt) -> TileSource:
+    """The tiles of a split, decoded as the config says (cache or stream)."""
+    return TileSource(
+        split.frame["path"].tolist(),
+        cfg.input_size,
+        cfg.cache,
+        cfg.num_workers,
+        cfg.cache_max_gb,
+        pin_memory=rt.device.type == "cuda",
+    )
+
+
 def train_classifier(
     tiles: pd.DataFrame,
     cfg: TrainConfig,
@@ -850,14 +862,7 @@ def train_classifier(
     write_parquet(loader_order_frame(split, cfg.seed, cfg.epochs), run_dir / "loader_order.parquet")
     with _determinism(cfg.deterministic):
         if source is None:
-            source = TileSource(
-                split.frame["path"].tolist(),
-                cfg.input_size,
-                cfg.cache,
-                cfg.num_workers,
-                cfg.cache_max_gb,
-                pin_memory=rt.device.type == "cuda",
-            )
+            source = _tile_source(split, cfg, rt)
         history, start, wsrc = fit(
             split,
             cfg,
@@ -944,14 +949,7 @@ def run_sweep(
     rows = []
     with _determinism(base.deterministic):
         if source is None:
-            source = TileSource(
-                split.frame["path"].tolist(),
-                base.input_size,
-                base.cache,
-                base.num_workers,
-                base.cache_max_gb,
-                pin_memory=rt.device.type == "cuda",
-            )
+            source = _tile_source(split, base, rt)
         for bb in backbones:
             for lr in lrs:
                 cfg = dataclasses.replace(
