@@ -203,6 +203,21 @@ def test_factors_drive_the_pixels():
     assert info(fibrosis=2.0)["n_fibres"] > 2 * info(fibrosis=-1.0)["n_fibres"]
 
 
+@pytest.mark.parametrize("tissue", ["Liver", "Muscle - Skeletal", "Thyroid"])
+def test_fibrosis_is_visible_in_tissues_without_stroma(tissue: str):
+    """Collagen patches replace parenchyma in every tissue, their area set by the factor."""
+
+    def slide(z: float) -> tuple[np.ndarray, dict]:
+        factors = tuple((f, z if f == "fibrosis" else 0.0) for f in FACTORS)
+        return render_slide(SlideSpec("GTEX-TEST-0226", tissue, 896, 896, 0.499, 20, factors, 5))
+
+    (rgb_lo, lo), (rgb_hi, hi) = slide(-1.5), slide(1.5)
+    assert 0.01 < lo["fibrosis_fraction"] < 0.06 < 0.3 < hi["fibrosis_fraction"] < 0.55
+    # dense collagen is eosin-rich: the tissue gets pinker (less green) as fibrosis rises
+    m = lo["tissue_alpha"] > 0.99
+    assert rgb_hi[..., 1][m].mean() < rgb_lo[..., 1][m].mean() - 2
+
+
 def test_planted_artefacts_are_flat_or_blurred(mirror):
     arts = _truth(mirror, "artefacts.csv")
     assert {a["kind"] for a in arts} == {"pen", "blur"}

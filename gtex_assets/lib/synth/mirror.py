@@ -22,6 +22,8 @@ from gtex_assets.lib.synth.slide import (
     FACTORS,
     FAT_LOGIT_PER_Z,
     FIBRES_PER_Z,
+    FIBROSIS_BASE,
+    FIBROSIS_LOGIT_PER_Z,
     NUCLEI_PER_Z,
     TILE,
     SlideResult,
@@ -255,8 +257,9 @@ def _write_truth(
     for s in cohort.samples:
         r = by_id.get(s.sample_id)
         realised = (
-            [f"{r.tissue_fraction:.6f}", f"{r.fat_fraction:.6f}", r.n_nuclei, r.n_fibres]
-            if r else ["", "", "", ""]
+            [f"{r.tissue_fraction:.6f}", f"{r.fat_fraction:.6f}", r.n_nuclei, r.n_fibres,
+             f"{r.fibrosis_fraction:.6f}"]
+            if r else ["", "", "", "", ""]
         )  # fmt: skip
         rows.append(
             [s.sample_id, s.tissue, s.subject_id, int(s.has_slide), int(s.has_rna),
@@ -266,7 +269,7 @@ def _write_truth(
     _write_csv(
         factors_csv,
         ["sample_id", "tissue", "subject_id", "has_slide", "has_rna", "aliquot_id", *FACTORS,
-         "tissue_fraction", "fat_area_fraction", "n_nuclei", "n_fibres"],
+         "tissue_fraction", "fat_area_fraction", "n_nuclei", "n_fibres", "fibrosis_fraction"],
         rows,
     )  # fmt: skip
     linked_csv = truth_dir / "image_linked_genes.csv"
@@ -348,7 +351,10 @@ def _summary_json(
             "pixel_effects": {
                 "nuclear_density": f"nuclei density x exp({NUCLEI_PER_Z} z)",
                 "fat_fraction": f"fat area fraction = sigmoid(logit(tissue base) + {FAT_LOGIT_PER_Z} z)",
-                "fibrosis": f"collagen fibre density x exp({FIBRES_PER_Z} z)",
+                "fibrosis": (
+                    f"collagen fibre density x exp({FIBRES_PER_Z} z); collagen patches over "
+                    f"sigmoid(logit({FIBROSIS_BASE}) + {FIBROSIS_LOGIT_PER_Z} z) of the parenchyma"
+                ),
             },
             "gene_model": "log2(1+TPM) = base + tissue offset + effect * z + N(0, 0.3)",
         },

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import tifffile
@@ -30,6 +31,13 @@ FACTORS: tuple[str, ...] = ("nuclear_density", "fat_fraction", "fibrosis")
 NUCLEI_PER_Z = 0.4  # nuclei density × exp(0.4 z)
 FAT_LOGIT_PER_Z = 1.0  # fat area fraction = sigmoid(logit(base) + 1.0 z)
 FIBRES_PER_Z = 0.5  # collagen fibre density × exp(0.5 z)
+# Fibrosis also replaces patches of parenchyma with dense collagen, in every tissue (as real
+# interstitial fibrosis does): area fraction = sigmoid(logit(0.10) + 1.0 z), patches ~120 µm,
+# small enough that every 448 px tile samples the slide's fraction.
+FIBROSIS_BASE, FIBROSIS_LOGIT_PER_Z, FIBROSIS_PATCH_UM = 0.10, 1.0, 120.0
+SCAR = MappingProxyType(  # dense collagen: pink, fibrillar, few spindle nuclei
+    {"e": 0.8, "h": 0.02, "fibres": 2500, "fibre_len_um": 160, "fibre_w_um": 4, "nuc": 350}
+)
 
 # Optical density per unit stain (R, G, B): Beer-Lambert colour model of H&E.
 HEMATOXYLIN = np.array([0.65, 0.72, 0.32], F32)
@@ -64,6 +72,7 @@ class SlideResult:
     fat_fraction: float
     n_nuclei: int
     n_fibres: int
+    fibrosis_fraction: float = 0.0
     artefacts: list[dict] = field(default_factory=list)
 
 
@@ -295,6 +304,25 @@ def _regions(
     return band, not_band * fmask, not_band * (1.0 - fmask), fat_frac
 
 
+def fibrosis_mask(
+    rng: np.random.Generator, region: np.ndarray, mpp: float, z: float
+) -> tuple[np.ndarray, float]:
+    """Level-0 mask (0..1) of collagen patches covering sigmoid(logit(base) + k z) of ``region``."""
+    frac = _sigmoid(_logit(FIBROSIS_BASE) + FIBROSIS_LOGIT_PER_Z * z)
+    h, w = region.shape
+    ds = 8
+    wl, hl = max(4, w // ds), max(4, h // ds)
+    field_ = pt.noise(rng, wl, hl, max(2.0, FIBROSIS_PATCH_UM / mpp / ds))
+    inside = region[::ds, ::ds][:hl, :wl] > 0.5
+    if not inside.any():
+        return np.zeros_like(region), frac
+    field_ = field_[: inside.shape[0], : inside.shape[1]]
+    thr = float(np.quantile(field_[inside], 1.0 - frac))
+    full = np.full((hl, wl), thr - 10.0, F32)
+    full[: field_.shape[0], : field_.shape[1]] = field_
+    return _soft_threshold(full, thr, w, h, ds), frac
+
+
 def _paint(
     cv: pt.Canvas,
     rng: np.random.Generator,
@@ -302,9 +330,16 @@ def _paint(
     band: np.ndarray,
     fat_region: np.ndarray,
     main_region: np.ndarray,
-) -> None:
-    """Run the tissue's pattern families, then the shared fat, fibrosis and congestion layers."""
+    fibrosis_z: float = 0.0,
+) -> float:
+    """Run the tissue's pattern families, then the shared fat, fibrosis and congestion layers.
+
+    Returns the fibrotic fraction of the main region."""
+    scar, _ = fibrosis_mask(rng, main_region, cv.mpp, fibrosis_z)
+    scar *= main_region
+    main_region = main_region - scar
     pt.FAMILIES[prof.main.family](cv, rng, main_region, prof.main.params)
+    pt.stroma(cv, rng, scar, SCAR)
     if prof.surface is not None:
         pt.FAMILIES[prof.surface.family](cv, rng, band, prof.surface.params)
     if fat_region.any():
@@ -318,13 +353,15 @@ def _paint(
             pt.noise(rng, cv.w, cv.h, cv.px(150)), 1.0 - prof.blood * 2, 1.6 - prof.blood * 2
         )
         cv.R += main_region * congested * F32(0.35)
+    return float(scar.sum()) / max(float((main_region + scar).sum()), 1.0)
 
 
 def render_slide(spec: SlideSpec) -> tuple[np.ndarray, dict]:
     """RGB pixels (h × w × 3, uint8) of one slide and what was planted in it.
 
     Factor effects: nuclei density × exp(0.4 z_nuclear_density); fat area fraction
-    sigmoid(logit(fat_base) + 1.0 z_fat_fraction); collagen fibres × exp(0.5 z_fibrosis).
+    sigmoid(logit(fat_base) + 1.0 z_fat_fraction); collagen fibres × exp(0.5 z_fibrosis) and
+    collagen patches over sigmoid(logit(0.10) + 1.0 z_fibrosis) of the parenchyma.
     Geometry, patterns and artefacts use separate random streams keyed by the sample id.
     """
     prof = PROFILES[spec.tissue]
@@ -342,7 +379,7 @@ def render_slide(spec: SlideSpec) -> tuple[np.ndarray, dict]:
     band, fat_region, main_region, _ = _regions(
         cv, rng_geo, prof, alpha, mask_low, z.get("fat_fraction", 0.0)
     )
-    _paint(cv, rng, prof, band, fat_region, main_region)
+    fib_frac = _paint(cv, rng, prof, band, fat_region, main_region, z.get("fibrosis", 0.0))
     rgb = compose(cv, alpha, prof, rng)
     rng_art = rng_for(spec.seed, "slide", spec.sample_id, "artefacts")
     artefacts: list[dict] = []
@@ -357,6 +394,7 @@ def render_slide(spec: SlideSpec) -> tuple[np.ndarray, dict]:
         "fat_fraction": float(fat_region.sum()) / max(tissue_px, 1.0),
         "n_nuclei": int(cv.counts.get("nuclei", 0)),
         "n_fibres": int(cv.counts.get("fibres", 0)),
+        "fibrosis_fraction": fib_frac,
         "artefacts": artefacts,
         "tissue_alpha": alpha,  # level-0 tissue coverage 0..1 (for tests and tile truth)
     }
@@ -434,5 +472,6 @@ def make_slide(spec: SlideSpec, path: str) -> SlideResult:
         fat_fraction=info["fat_fraction"],
         n_nuclei=info["n_nuclei"],
         n_fibres=info["n_fibres"],
+        fibrosis_fraction=info["fibrosis_fraction"],
         artefacts=[{"sample_id": spec.sample_id, **a} for a in info["artefacts"]],
     )
