@@ -180,6 +180,7 @@ class VectorStore:
         self.uri = Path(uri)
         self.lock_timeout_s = lock_timeout_s
         self._db = None
+        self._lock: FileLock | None = None  # one per store: FileLock re-enters per instance
 
     # -- connection -------------------------------------------------------------------------
     @property
@@ -219,7 +220,9 @@ class VectorStore:
     def writer(self) -> Iterator[None]:
         """Hold the database's writer lock (re-entrant within a process)."""
         self.uri.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.uri / ".writer.lock"), timeout=self.lock_timeout_s):
+        if self._lock is None:
+            self._lock = FileLock(str(self.uri / ".writer.lock"), timeout=self.lock_timeout_s)
+        with self._lock:
             yield
 
     def replace_partitions(

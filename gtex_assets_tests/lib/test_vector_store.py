@@ -147,3 +147,14 @@ def test_missing_table_is_a_clear_error(tmp_path):
     assert store.count(V.TILE_TABLE) == 0 and store.partition_hashes(V.TILE_TABLE) == {}
     with pytest.raises(KeyError, match="slide_embeddings"):
         store.open(V.SLIDE_TABLE)
+
+
+def test_writer_lock_nests_within_a_store(tmp_path):
+    store = V.VectorStore(tmp_path / "db", lock_timeout_s=2.0)
+    with store.writer(), store.writer():  # a nested writer must not wait for itself
+        pass
+    other = V.VectorStore(tmp_path / "db", lock_timeout_s=0.2)
+    with store.writer():
+        with pytest.raises(TimeoutError):  # but another store (writer) waits
+            with other.writer():
+                pass
