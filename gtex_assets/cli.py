@@ -3,6 +3,8 @@
 gtex-assets synth --out DIR [--tissues N --slides-per-tissue M --seed S]
 gtex-assets demo [--source DIR] [--config FILE] [--data-root DIR]
 gtex-assets sql "SELECT ..." [--csv | --json]
+gtex-assets nearest SAMPLE_ID | --slide FILE | --tile IMAGE [-k 10] [--tiles] [--json]
+gtex-assets nearest SAMPLE_ID --transcriptome [--top 20] [--json] [--out FILE.parquet|.csv]
 gtex-assets ui
 """
 

@@ -218,7 +218,7 @@ def compare_features(
     ratios = []
     for r in range(n_repeats):
         seed = child_seed(random_state, r)
-        folds = donor_folds(groups, n_splits, seed)
+        folds = donor_folds(groups, n_splits, seed, strata)
         ratios += [np.mean(folds == f) / np.mean(folds != f) for f in range(n_splits)]
         if labels is not None:
             correct = {0: np.zeros(n, bool), 1: np.zeros(n, bool)}
@@ -243,7 +243,7 @@ def compare_features(
                 {"repeat": r, "accuracy_a": correct[0].mean(), "accuracy_b": correct[1].mean()}
             )
         if Y is not None:
-            inner = inner_donor_folds(groups, folds, inner_splits, seed)
+            inner = inner_donor_folds(groups, folds, inner_splits, seed, strata)
             kw = {
                 "alphas": alphas,
                 "folds": folds,

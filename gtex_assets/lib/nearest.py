@@ -14,6 +14,10 @@ same model (and the same tile pipeline) as the stored embeddings, then searched 
 Returns the ``k`` nearest slides (or tiles with ``tiles=True``) with tissue, cosine distance and
 their k-means cluster, plus the query's predicted cluster (nearest cluster centroid) and the
 majority tissue of its neighbours.
+
+:func:`predict_transcriptome` answers the same three query kinds with a whole predicted
+transcriptome (SPEC §8): the mean expression of the nearest ``cluster_transcriptome`` cluster,
+found by a LanceDB search of ``cluster_centroids`` in the fit's PCA space.
 """
 
 from __future__ import annotations
@@ -327,40 +331,23 @@ def _assign_cluster(store: VectorStore, model_id: str, vec: np.ndarray) -> int |
     return int(ids[int(np.argmax(cn @ q))])
 
 
-def nearest(
-    sample_id: str | None = None,
-    *,
-    slide: str | Path | None = None,
-    tile: str | Path | None = None,
-    k: int = 10,
-    model_id: str | None = None,
-    tiles: bool = False,
-    data_root: str | Path | None = None,
-    exact: bool = False,
-    max_tiles: int = DEFAULT_MAX_TILES,
-    device: str = "auto",
-) -> NearestResult:
-    """The ``k`` nearest stored slides (or tiles) to a sample id, a slide file or a tile image.
-
-    Exactly one of ``sample_id``, ``slide``, ``tile``. ``model_id`` defaults to the classifier's
-    selected checkpoint. Raises :class:`LookupError` (with what to do) for unanswerable queries.
-    """
-    given = [q for q in (sample_id, slide, tile) if q is not None]
-    if len(given) != 1:
-        raise ValueError("give exactly one of sample_id, slide or tile")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    lk = _lake(data_root)
-    store = VectorStore(lk.lancedb)
-    mid = model_id or default_model_id(lk, store)
-    if store.has_table(SLIDE_TABLE) and not store.count(SLIDE_TABLE, f"model_id = {sql_str(mid)}"):
-        known = sorted(set(store.read(SLIDE_TABLE, ["model_id"]).column("model_id").to_pylist()))
-        raise NearestError(f"model {mid!r} has no stored embeddings (models: {', '.join(known)})")
+def _query_vector(
+    lk: Lake,
+    store: VectorStore,
+    mid: str,
+    query: dict[str, Any],
+    sample_id: str | None,
+    slide: str | Path | None,
+    tile: str | Path | None,
+    max_tiles: int,
+    device: str,
+) -> np.ndarray:
+    """The query's slide-level vector for model ``mid`` (stored, or embedded now); records its
+    kind and source in ``query``."""
     # Embed queries the way the stored tiles were embedded (fp32 or bf16), so that a stored
     # tile queried again lands on itself.
     emb = _Embedders(lk, mid, device, _stored_precision(store, mid))
-    query: dict[str, Any] = {"model_id": mid, "target": "tiles" if tiles else "slides"}
-
+    given = next(q for q in (sample_id, slide, tile) if q is not None)
     if sample_id is not None:
         from gtex_assets.lib.ids import validate_sample_id
 
@@ -403,9 +390,46 @@ def nearest(
         vec = feats[0]
         query.update(kind="tile_image", tile=str(p), source="embedded", n_tiles=1)
     if vec is None:
-        raise NearestError(f"query {given[0]}: no tile could be embedded")
+        raise NearestError(f"query {given}: no tile could be embedded")
     if emb._emb is not None:
         query["precision"] = emb._emb.precision
+    return np.asarray(vec)
+
+
+def _one_query(sample_id, slide, tile) -> None:
+    if len([q for q in (sample_id, slide, tile) if q is not None]) != 1:
+        raise ValueError("give exactly one of sample_id, slide or tile")
+
+
+def nearest(
+    sample_id: str | None = None,
+    *,
+    slide: str | Path | None = None,
+    tile: str | Path | None = None,
+    k: int = 10,
+    model_id: str | None = None,
+    tiles: bool = False,
+    data_root: str | Path | None = None,
+    exact: bool = False,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    device: str = "auto",
+) -> NearestResult:
+    """The ``k`` nearest stored slides (or tiles) to a sample id, a slide file or a tile image.
+
+    Exactly one of ``sample_id``, ``slide``, ``tile``. ``model_id`` defaults to the classifier's
+    selected checkpoint. Raises :class:`LookupError` (with what to do) for unanswerable queries.
+    """
+    _one_query(sample_id, slide, tile)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    lk = _lake(data_root)
+    store = VectorStore(lk.lancedb)
+    mid = model_id or default_model_id(lk, store)
+    if store.has_table(SLIDE_TABLE) and not store.count(SLIDE_TABLE, f"model_id = {sql_str(mid)}"):
+        known = sorted(set(store.read(SLIDE_TABLE, ["model_id"]).column("model_id").to_pylist()))
+        raise NearestError(f"model {mid!r} has no stored embeddings (models: {', '.join(known)})")
+    query: dict[str, Any] = {"model_id": mid, "target": "tiles" if tiles else "slides"}
+    vec = _query_vector(lk, store, mid, query, sample_id, slide, tile, max_tiles, device)
 
     table = TILE_TABLE if tiles else SLIDE_TABLE
     if not store.has_table(table):
@@ -434,6 +458,145 @@ def nearest(
         top = Counter(hits["tissue"].dropna()).most_common(1)
         query["majority_tissue"] = top[0][0] if top else None
     return NearestResult(query=query, neighbours=hits.reset_index(drop=True))
+
+
+# --------------------------------------------------------------------------------------------
+# The predicted transcriptome (SPEC §8 cluster-average prediction)
+# --------------------------------------------------------------------------------------------
+
+TRANSCRIPTOMES_TABLE = "cluster_transcriptomes"
+MEMBERS_TABLE = "cluster_members"
+_MATERIALISE = (
+    "materialise the `cluster_transcriptome` asset (after `gene_r2`), e.g. "
+    "`gtex-assets demo --select gene_r2 cluster_transcriptome`"
+)
+
+
+@dataclass
+class TranscriptomeResult:
+    """A query's predicted transcriptome: the mean expression of its nearest cluster."""
+
+    query: dict[str, Any]  # the query + model_id, cluster, n_slides, majority_tissue, distance
+    transcriptome: pd.DataFrame  # gene_id, symbol, log_tpm (the table's gene order)
+
+    def top(self, n: int) -> pd.DataFrame:
+        """The ``n`` genes with the highest predicted log TPM (rank, gene_id, symbol, log_tpm)."""
+        t = self.transcriptome.sort_values("log_tpm", ascending=False, kind="mergesort").head(n)
+        return t.assign(rank=np.arange(1, len(t) + 1))[["rank", "gene_id", "symbol", "log_tpm"]]
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = self.transcriptome.replace({np.nan: None}).to_dict("records")
+        return {"query": self.query, "transcriptome": rows}
+
+
+def _cluster_model(lk: Lake, store: VectorStore, model_id: str | None) -> tuple[str, str]:
+    """(model id, fit id) of the served cluster predictor to use."""
+    from gtex_assets.lib.cluster_predict import CENTROID_TABLE, centroid_models
+
+    fitted = centroid_models(store)
+    if not fitted or not lk.table(TRANSCRIPTOMES_TABLE).is_file():
+        what = (
+            f"no {CENTROID_TABLE} table in {store.uri}"
+            if not fitted
+            else f"{lk.table(TRANSCRIPTOMES_TABLE)} is missing"
+        )
+        raise NearestError(f"no cluster transcriptomes: {what}; {_MATERIALISE}")
+    if model_id is None:
+        try:
+            default = default_model_id(lk, store)
+        except NearestError:
+            default = None
+        if default in fitted:
+            model_id = default
+        elif len(fitted) == 1:
+            model_id = next(iter(fitted))
+        else:
+            raise NearestError(
+                f"clusters exist for several models ({', '.join(sorted(fitted))}): pass --model-id"
+            )
+    if model_id not in fitted:
+        raise NearestError(
+            f"model {model_id!r} has no clusters (cluster_transcriptome was fitted for: "
+            f"{', '.join(sorted(fitted))}); to add it, materialise gene_r2 with "
+            f"selected_model_id={model_id!r}, then `cluster_transcriptome`"
+        )
+    return model_id, fitted[model_id]
+
+
+def predict_transcriptome(
+    sample_id: str | None = None,
+    *,
+    slide: str | Path | None = None,
+    tile: str | Path | None = None,
+    model_id: str | None = None,
+    data_root: str | Path | None = None,
+    max_tiles: int = DEFAULT_MAX_TILES,
+    device: str = "auto",
+) -> TranscriptomeResult:
+    """The whole predicted transcriptome of a sample id, a slide file or a tile image.
+
+    The query is embedded like :func:`nearest` does, projected into the clustering space of
+    the ``cluster_transcriptome`` fit (its stored PCA), and assigned to the nearest cluster
+    centroid by a LanceDB search of ``cluster_centroids``; the prediction is that cluster's
+    mean log TPM per gene. ``model_id`` defaults to the selected checkpoint when it has
+    clusters, else the only model that has. A stored sample that was one of the fit's slides
+    is predicted from a mean that includes its own expression (``query['member']`` says so).
+    """
+    from gtex_assets.lib.cluster_predict import load_projection, projection_path, search_centroids
+
+    _one_query(sample_id, slide, tile)
+    lk = _lake(data_root)
+    store = VectorStore(lk.lancedb)
+    mid, fit_id = _cluster_model(lk, store, model_id)
+    ppath = projection_path(lk.models, mid)
+    if not ppath.is_file():
+        raise NearestError(f"model {mid}: projection {ppath} is missing; {_MATERIALISE}")
+    proj = load_projection(ppath)
+    if proj.card.get("fit_id") != fit_id:
+        raise NearestError(
+            f"model {mid}: {ppath} and the LanceDB centroids come from different fits "
+            f"(an interrupted run?); {_MATERIALISE}"
+        )
+    query: dict[str, Any] = {"model_id": mid, "target": "transcriptome"}
+    vec = _query_vector(lk, store, mid, query, sample_id, slide, tile, max_tiles, device)
+    try:
+        z = proj.transform(vec)
+    except ValueError as e:
+        raise NearestError(str(e)) from e
+    hit = search_centroids(store, mid, z, k=1)
+    if hit.empty:
+        raise NearestError(f"model {mid}: no centroids in LanceDB; {_MATERIALISE}")
+    h = hit.iloc[0]
+    cluster = int(h["cluster"])
+    tx = pd.read_parquet(
+        lk.table(TRANSCRIPTOMES_TABLE),
+        filters=[("model_id", "==", mid), ("cluster", "==", cluster)],
+    )
+    if tx.empty or set(tx["fit_id"]) != {fit_id}:
+        raise NearestError(
+            f"model {mid} cluster {cluster}: {lk.table(TRANSCRIPTOMES_TABLE)} does not hold this "
+            f"fit's transcriptome (an interrupted run?); {_MATERIALISE}"
+        )
+    query.update(
+        cluster=cluster,
+        n_slides=int(tx["n_slides"].iloc[0]),
+        majority_tissue=tx["majority_tissue"].iloc[0],
+        distance=float(h["distance"]),
+        fit_id=fit_id,
+        n_genes=len(tx),
+    )
+    if sample_id is not None and lk.table(MEMBERS_TABLE).is_file():
+        m = pd.read_parquet(
+            lk.table(MEMBERS_TABLE),
+            columns=["cluster"],
+            filters=[("model_id", "==", mid), ("tissue_sample_id", "==", sample_id)],
+        )
+        query["member"] = bool(len(m))
+        if len(m):
+            query["member_of_cluster"] = int(m["cluster"].iloc[0])
+    out = tx[["gene_id", "symbol", "log_tpm"]].reset_index(drop=True)
+    out["log_tpm"] = out["log_tpm"].astype(np.float64)
+    return TranscriptomeResult(query=query, transcriptome=out)
 
 
 def _embed_slide_file(

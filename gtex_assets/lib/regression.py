@@ -62,12 +62,18 @@ _MIXED_TIE_TOL = 2e-5
 
 
 def donor_folds(
-    groups: Sequence | np.ndarray, n_splits: int = 5, random_state: int = 0
+    groups: Sequence | np.ndarray,
+    n_splits: int = 5,
+    random_state: int = 0,
+    strata: Sequence | np.ndarray | None = None,
 ) -> np.ndarray:
     """Fold id (0..n_splits-1) per sample; every donor's samples land in one fold.
 
     Donors are shuffled with ``random_state`` and then placed largest first into the currently
-    smallest fold, so folds are balanced in samples and the split is deterministic.
+    smallest fold, so folds are balanced in samples and the split is deterministic. With
+    ``strata`` (tissue per sample) a donor goes to the fold holding the fewest samples of its
+    strata (then the smallest fold): each tissue's donors spread over the folds, so a tissue
+    with at least two donors always has one on the training side.
     """
     groups = np.asarray(groups)
     if groups.ndim != 1 or len(groups) == 0:
@@ -75,6 +81,7 @@ def donor_folds(
     if n_splits < 2:
         raise ValueError(f"n_splits must be >= 2, got {n_splits}")
     uniq, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)
     if len(uniq) < n_splits:
         raise ValueError(
             f"{len(uniq)} donor(s) but n_splits={n_splits}: each fold needs donors of its own"
@@ -84,11 +91,30 @@ def donor_folds(
     order = order[np.argsort(-counts[order], kind="stable")]
     sizes = np.zeros(n_splits, dtype=np.int64)
     fold_of_group = np.empty(len(uniq), dtype=np.int64)
+    if strata is None:
+        for gi in order:
+            f = int(np.argmin(sizes))
+            fold_of_group[gi] = f
+            sizes[f] += counts[gi]
+        return fold_of_group[inv]
+    st = np.asarray(strata)
+    if st.shape != groups.shape:
+        raise ValueError(f"strata must have one label per sample ({len(groups)}), got {st.shape}")
+    s_ids, s_inv = np.unique(st, return_inverse=True)
+    per = np.zeros((len(uniq), len(s_ids)), dtype=np.int64)  # donor x stratum sample counts
+    np.add.at(per, (inv, s_inv.reshape(-1)), 1)
+    load = np.zeros((n_splits, len(s_ids)), dtype=np.int64)  # fold x stratum
+    # rarest strata first: their few donors get distinct folds before the folds fill up
+    rarity = (per > 0).sum(axis=0)
+    order = order[np.argsort([rarity[per[g] > 0].min() for g in order], kind="stable")]
     for gi in order:
-        f = int(np.argmin(sizes))
+        mine = per[gi] > 0
+        clash = (load[:, mine] > 0).sum(axis=1) * 1_000_000 + load[:, mine].sum(axis=1)
+        f = int(np.lexsort((sizes, clash))[0])
         fold_of_group[gi] = f
         sizes[f] += counts[gi]
-    return fold_of_group[inv.reshape(-1)]
+        load[f] += per[gi]
+    return fold_of_group[inv]
 
 
 def child_seed(random_state: int, *keys: int) -> int:
@@ -101,17 +127,34 @@ def inner_donor_folds(
     outer: np.ndarray,
     inner_splits: int = 4,
     random_state: int = 0,
+    strata: Sequence | np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """For each outer fold f: inner fold ids of the samples ``np.flatnonzero(outer != f)``."""
+    """For each outer fold f: inner fold ids of the samples ``np.flatnonzero(outer != f)``
+    (stratified by ``strata`` as in :func:`donor_folds`)."""
     groups = np.asarray(groups)
+    st = None if strata is None else np.asarray(strata)
     out = []
     for f in range(int(outer.max()) + 1):
         tr = np.flatnonzero(outer != f)
         try:
-            out.append(donor_folds(groups[tr], inner_splits, child_seed(random_state, f)))
+            out.append(
+                donor_folds(
+                    groups[tr], inner_splits, child_seed(random_state, f),
+                    None if st is None else st[tr],
+                )
+            )  # fmt: skip
         except ValueError as e:
             raise ValueError(f"outer fold {f}: training set too small for inner CV: {e}") from e
     return out
+
+
+def strata_too_small(
+    groups: Sequence | np.ndarray, strata: Sequence | np.ndarray, min_donors: int = 3
+) -> list[str]:
+    """Strata with fewer than ``min_donors`` donors: with stratified donor folds, 3 donors are
+    what guarantees a training donor of the stratum in every outer and inner split."""
+    g, s = np.asarray(groups), np.asarray(strata)
+    return sorted(str(k) for k in np.unique(s) if len(np.unique(g[s == k])) < min_donors)
 
 
 # ----------------------------------------------------------------------------- spectral solver
@@ -412,6 +455,45 @@ class _InnerFold:
         return np.einsum("avg,avg->ag", P, P, dtype=np.float64) / len(self.iva)
 
 
+def _check_strata_seen(
+    st: np.ndarray,
+    groups: np.ndarray,
+    itr: np.ndarray,
+    iev: np.ndarray,
+    outer: int,
+    inner: int | None,
+) -> None:
+    """Every stratum of the evaluated rows must occur among the training rows.
+
+    With tissue fixed effects a stratum absent from the training rows has no intercept to
+    predict from (falling back to the overall mean would score the tissue difference as an
+    error of the image model), so the split cannot be evaluated: say where and what to do.
+    """
+    missing = np.setdiff1d(np.unique(st[iev]), np.unique(st[itr]))
+    if len(missing) == 0:
+        return
+    s = missing[0]
+    donors = np.unique(groups[st == s])
+    where = (
+        f"outer fold {outer}, inner fold {inner}: stratum {str(s)!r} is in the inner validation "
+        "donors but not in the inner training donors"
+        if inner is not None
+        else f"outer fold {outer}: stratum {str(s)!r} is in the held-out (test) donors but not in "
+        "the training donors"
+    )
+    more = (
+        f" (and {len(missing) - 1} more: {[str(m) for m in missing[1:4]]})"
+        if len(missing) > 1
+        else ""
+    )
+    raise ValueError(
+        f"ridge_gene_r2 with strata, {where}{more}; it has {int((st == s).sum())} sample(s) from "
+        f"{len(donors)} donor(s) in all, so it gets no fixed effect (tissue mean) to predict "
+        "from. Use fewer folds (n_splits / inner_splits), drop strata with too few donors, or "
+        "fit without strata (gene_r2 / feature_comparison: tissue_strata=False)."
+    )
+
+
 def ridge_gene_r2(
     X: np.ndarray,
     Y: np.ndarray,
@@ -446,7 +528,10 @@ def ridge_gene_r2(
         :func:`inner_donor_folds`; override ``n_splits`` / ``inner_splits``.
     standardize : z-score features with the training fold's mean/std (``StandardScaler``).
     strata : label per sample (tissue) for tissue fixed effects and within-tissue R² (see the
-        module docstring); None: one global intercept, ordinary R².
+        module docstring); None: one global intercept, ordinary R². Every stratum of a
+        validation / test set must occur in its training set (else ``ValueError`` naming the
+        outer and inner fold and the stratum); a training set whose strata are all single
+        slides carries no within-stratum signal and fits β = 0 (predicts the stratum means).
     kernel : ``"linear"`` (ridge) or ``"rbf"`` (kernel ridge; ``gamma`` None = 1/(p·Var X)).
     precision : ``"double"``: everything in float64. ``"mixed"`` (default; ~1.8× faster in the
         per-gene part, ~1.3-1.6× overall at 1,800 × 1,280): the inner-CV error curves (the
@@ -465,12 +550,17 @@ def ridge_gene_r2(
     alphas = np.asarray(alphas, dtype=np.float64)
     if alphas.ndim != 1 or len(alphas) == 0 or (alphas <= 0).any():
         raise ValueError(f"alphas must be a non-empty 1-D array of positive values, got {alphas}")
-    outer = donor_folds(groups_arr, n_splits, random_state) if folds is None else np.asarray(folds)
+    st_arr = None if strata is None else np.asarray(strata)
+    outer = (
+        donor_folds(groups_arr, n_splits, random_state, st_arr)
+        if folds is None
+        else np.asarray(folds)
+    )
     if outer.shape != (X.shape[0],):
         raise ValueError(f"folds must have one id per sample ({X.shape[0]}), got {outer.shape}")
     k_outer = int(outer.max()) + 1
     if inner_folds is None:
-        inner_folds = inner_donor_folds(groups_arr, outer, inner_splits, random_state)
+        inner_folds = inner_donor_folds(groups_arr, outer, inner_splits, random_state, st_arr)
     n, g = Y.shape
     st = None if strata is None else np.asarray(strata)
     if st is not None and st.shape != (n,):
@@ -491,11 +581,22 @@ def ridge_gene_r2(
         if len(te) == 0:
             raise ValueError(f"outer fold {f} has no samples (fold ids must be 0..{k_outer - 1})")
         ids = np.asarray(inner_folds[f])
+        if ids.shape != tr.shape:
+            raise ValueError(
+                f"inner_folds[{f}] must have one id per training sample of outer fold {f} "
+                f"({len(tr)}), got shape {ids.shape}"
+            )
+        if st is not None:
+            _check_strata_seen(st, groups_arr, tr, te, f, None)
         parts = []
         for v in range(int(ids.max()) + 1):
             itr, iva = tr[ids != v], tr[ids == v]
+            if st is not None:
+                _check_strata_seen(st, groups_arr, itr, iva, f, v)
             sp = _spectral(X[itr], X[iva], sub(itr), sub(iva), **spec_kw)
-            AF = (sp.filt(alphas)[:, None, :] * sp.A[None, :, :]).reshape(-1, len(sp.w))
+            # explicit shape: with no informative direction (e.g. every training stratum a
+            # single slide, so X centred within strata is 0) w is empty and the fit is β = 0
+            AF = (sp.filt(alphas)[:, None, :] * sp.A[None, :, :]).reshape(na * len(iva), len(sp.w))
             part = _InnerFold(itr, iva, sub(itr), sub(iva), sp.basis, AF)
             if mixed:
                 part.basis32 = sp.basis.astype(np.float32)
@@ -542,6 +643,26 @@ def ridge_gene_r2(
         oof=oof if return_oof else None,
         r2_total=r2_total,
     )
+
+
+def baseline_r2(
+    Y: np.ndarray, folds: np.ndarray, strata: Sequence | np.ndarray | None = None
+) -> np.ndarray:
+    """Per-gene held-out R² of the no-image predictor (the training folds' tissue means, or the
+    overall mean without strata) under the same folds: the score of a gene with no image signal.
+    Below 0 because the means are estimated from the other donors."""
+    Y = np.asarray(Y, dtype=np.float64)
+    st = None if strata is None else np.asarray(strata)
+    oof = np.empty_like(Y)
+    for f in np.unique(folds):
+        tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+        if st is not None:
+            _check_strata_seen(st, np.asarray(folds), tr, te, int(f), None)
+        _, off = _center_fit(
+            Y[tr], None if st is None else st[tr], None if st is None else st[te], len(te)
+        )
+        oof[te] = off
+    return r2_pearson(Y, oof, st)[0]
 
 
 # ----------------------------------------------------------------------------- final model

@@ -204,7 +204,23 @@ def test_analysis_assets_end_to_end(analysis_root):
 
     # gene_r2: the planted genes are the top 6 (within tissue, tissue means removed)
     g = pd.read_parquet(tables / "gene_r2.parquet")
-    assert list(g.columns) == ["gene", "symbol", "r2", "pearson_r", "alpha", "rank"]
+    assert list(g.columns) == [
+        "gene", "symbol", "r2", "pearson_r", "alpha", "rank", "r2_baseline", "model_id"
+    ]  # fmt: skip
+    # model: best -- every model on the same folds; the fine-tuned E5 predicts best
+    assert (g["model_id"] == E5).all()
+    gm = pd.read_parquet(tables / "gene_r2_models.parquet").set_index("model_id")
+    assert set(gm.index) == {OTS, E1, E5} and gm["primary"].sum() == 1 and gm.loc[E5, "primary"]
+    assert gm.loc[E5, "sum_positive_r2"] == gm["sum_positive_r2"].max()
+    assert gm.loc[E5, "planted_recall_at_k"] == 1.0 > gm.loc[OTS, "planted_recall_at_k"]
+    assert len(pd.read_parquet(tables / "gene_r2_by_model.parquet")) == 3 * N_GENES
+    # the no-image baseline: below 0 (means estimated from other donors); the linked genes
+    # far above it, the unlinked ones not
+    assert (g["r2_baseline"] < 0).all() and g["r2_baseline"].mean() > -0.4
+    linked = g[g["gene"].isin(LINKED)]
+    assert (linked["r2"] > linked["r2_baseline"] + 0.4).all()
+    unlinked = g[~g["gene"].isin(LINKED)]
+    assert (unlinked["r2"] < unlinked["r2_baseline"] + 0.2).all()
     assert len(g) == N_GENES and g["rank"].tolist() == list(range(1, N_GENES + 1))
     assert set(g["gene"].head(6)) == set(LINKED)
     assert g["r2"].head(6).min() > 0.4 and g["r2"].iloc[6:].max() < 0.2
@@ -260,3 +276,116 @@ def test_gene_r2_lowers_folds_for_few_donors(analysis_root):
     m = _meta(result, "gene_r2")
     assert m["n_splits"] == 4 and m["inner_splits"] == 3 and m["folds_lowered"] is True
     assert m["samples"] == 12
+
+
+def test_gene_r2_selected_model_and_tissues_with_too_few_donors(analysis_root):
+    root, mirror = analysis_root
+    lk = Lake.at(root)
+    # one tissue keeps 2 donors: it cannot have a training donor in every split -> left out
+    tbl = pq.read_table(lk.table("slide_embeddings")).to_pandas()
+    rare = TISSUES[0]
+    donors = sorted(tbl["subject_id"].unique())
+    drop = (tbl["tissue"] == rare) & ~tbl["subject_id"].isin(donors[:2])
+    small = tbl[~drop].reset_index(drop=True)
+    vec = np.vstack(small[V.VECTOR].to_numpy())
+    write_parquet(
+        V.table_from_frame(small.drop(columns=[V.VECTOR]), vec, V.slide_schema(DIM)),
+        lk.table("slide_embeddings"),
+    )
+    result = dg.materialize(
+        [gene_r2],
+        resources={
+            "lake": DataLakeResource(root=str(root)),
+            "gtex_source": GTExSourceResource(source=str(mirror)),
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"gene_r2": {"config": {"model": "selected"}}}},
+    )
+    assert result.success
+    m = _meta(result, "gene_r2")
+    assert m["tissues_left_out"] == rare
+    assert m["samples"] == len(small[small["model_id"] == E5]) - 2
+    assert "selected checkpoint" in m["model_id"]
+    tables = lk.root / "tables"
+    assert set(pd.read_parquet(tables / "gene_r2_by_model.parquet")["model_id"]) == {E5}
+    folds = pd.read_parquet(tables / "gene_r2_folds.parquet")
+    assert rare not in set(folds["tissue"]) and (folds["model_id"] == E5).all()
+
+
+CLUSTER_RUN = {
+    "ops": {
+        "gene_r2": {"config": {"alphas": [1.0, 100.0]}},
+        "cluster_transcriptome": {"config": {"n_clusters": 6, "n_components": 10}},
+    }
+}
+
+
+def materialize_clusters(root, mirror, assets=None, run_config=None):
+    """gene_r2 + cluster_transcriptome on the planted inputs (also used by test_nearest_*)."""
+    assets = assets or [gene_r2, cluster_transcriptome]
+    names = {a.key.to_user_string() for a in assets}
+    ops = (run_config or CLUSTER_RUN)["ops"]
+    return dg.materialize(
+        assets,
+        resources={
+            "lake": DataLakeResource(root=str(root)),
+            "gtex_source": GTExSourceResource(source=str(mirror)),
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {k: v for k, v in ops.items() if k in names}},
+    )
+
+
+def test_cluster_transcriptome_serves_lancedb_centroids_idempotently(analysis_root):
+    from gtex_assets.lib import cluster_predict as CP
+    from gtex_assets.lib.expression import load_log_tpm
+
+    root, mirror = analysis_root
+    result = materialize_clusters(root, mirror)
+    assert result.success
+    lk = Lake.at(root)
+    m = _meta(result, "cluster_transcriptome")
+    # the held-out evaluation went through LanceDB and agrees with exact search
+    assert "LanceDB" in m["nearest_lookup"]
+    assert m["held_out_assignments"] == 42 and m["assignments_agree_exact"] == 42
+    assert m["model_id"] == E5 and m["centroid_rows_model"] == 6
+
+    tx = pd.read_parquet(lk.table("cluster_transcriptomes"))
+    assert list(tx.columns) == ["model_id", "fit_id", "cluster", "n_slides", "majority_tissue",
+                                "gene_id", "symbol", "log_tpm"]  # fmt: skip
+    assert len(tx) == 6 * N_GENES and set(tx["model_id"]) == {E5}
+    assert set(tx["fit_id"]) == {m["fit_id"]}
+    members = pd.read_parquet(lk.table("cluster_members"))
+    assert len(members) == 42 and members["cluster"].nunique() == 6
+    sizes = members.groupby("cluster").size()
+    per = tx.drop_duplicates("cluster").set_index("cluster")
+    assert per["n_slides"].to_dict() == sizes.to_dict()
+    # each cluster's transcriptome is the mean expression of its member slides
+    X, genes, samples = load_log_tpm(root)
+    row = samples.set_index("tissue_sample_id")["sample_index"]
+    for c, ids in members.groupby("cluster")["tissue_sample_id"]:
+        want = np.asarray(X[row.loc[ids].to_numpy()], dtype=np.float64).mean(0)
+        got = tx[tx["cluster"] == c].set_index("gene_id").loc[genes["gene_id"], "log_tpm"]
+        np.testing.assert_allclose(got.to_numpy(), want, rtol=1e-5)
+        tissues = members[members["cluster"] == c]["tissue"].value_counts()
+        assert per.loc[c, "majority_tissue"] in set(tissues[tissues == tissues.max()].index)
+    proj = CP.load_projection(CP.projection_path(lk.models, E5))
+    assert proj.card["fit_id"] == m["fit_id"] and proj.components.shape == (10, DIM)
+
+    store = V.VectorStore(lk.lancedb)
+    assert CP.centroid_models(store) == {E5: m["fit_id"]}
+    before = store.read(CP.CENTROID_TABLE).to_pandas()
+    assert len(before) == 6 and set(before["fold"]) == {CP.SERVED_FOLD}
+    # a re-run replaces, never duplicates: same rows in LanceDB and in the tables
+    again = materialize_clusters(root, mirror, [cluster_transcriptome])
+    assert again.success
+    assert _meta(again, "cluster_transcriptome")["fit_id"] == m["fit_id"]
+    after = store.read(CP.CENTROID_TABLE).to_pandas()
+    assert len(after) == 6 and sorted(after["row_id"]) == sorted(before["row_id"])
+    assert len(pd.read_parquet(lk.table("cluster_transcriptomes"))) == 6 * N_GENES
+    assert len(pd.read_parquet(lk.table("cluster_members"))) == 42
+    # another clustering of the same model: its rows replace the old ones
+    fewer = {"ops": {"cluster_transcriptome": {"config": {"n_clusters": 4, "n_components": 10}}}}
+    assert materialize_clusters(root, mirror, [cluster_transcriptome], fewer).success
+    assert store.count(CP.CENTROID_TABLE) == 4
+    assert len(pd.read_parquet(lk.table("cluster_transcriptomes"))) == 4 * N_GENES

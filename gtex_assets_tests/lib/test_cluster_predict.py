@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from gtex_assets.lib.cluster_predict import (
@@ -146,3 +147,98 @@ def test_within_tissue_metric_for_the_cluster_predictor():
     np.testing.assert_allclose(ev.r2, r2_pearson(Y, ev.oof, tissue)[0])
     # clusters = tissues here: the cluster mean explains no within-tissue variation
     assert ev.r2.max() < 0.05
+
+
+# ----------------------------------------------------------------------------- LanceDB serving
+
+
+def test_lancedb_lookup_assigns_like_exact_search(tmp_path):
+    from gtex_assets.lib import cluster_predict as CP
+    from gtex_assets.lib.vector_store import VectorStore
+
+    E, Y, groups, *_ = planted_clusters(per=20, d=12, seed=7)
+    E = E + np.random.default_rng(0).standard_normal(E.shape) * 3.0  # overlapping clusters
+    store = VectorStore(tmp_path / "db")
+    kw = {"n_clusters": 6, "n_splits": 5, "n_components": 5}
+    ev = evaluate_cluster_predictor(
+        E, Y, groups, nearest_factory=CP.lancedb_nearest_factory(store, "m"), **kw
+    )
+    exact = evaluate_cluster_predictor(E, Y, groups, **kw)
+    np.testing.assert_array_equal(ev.clusters, exact.clusters)
+    np.testing.assert_array_equal(ev.oof, exact.oof)
+    assert ev.n_agree_exact == len(E) and exact.n_agree_exact is None
+    folds = store.read(CP.CENTROID_TABLE, ["fold", "cluster"]).to_pandas()
+    assert folds.groupby("fold").size().to_dict() == {f: 6 for f in range(5)}
+
+    # k > 1 on the served rows: the same rows, in the same order, as exact_nearest
+    model = fit_cluster_predictor(E, Y, 6, n_components=5)
+    CP.write_centroids(store, CP.centroid_table("m", model.centroids, fit_id="f1"))
+    q = model.transform(E[::7] + 0.5)
+    got = CP.lancedb_nearest(store, "m")(q, 3)
+    np.testing.assert_array_equal(got, exact_nearest(model.centroids)(q, 3))
+    np.testing.assert_array_equal(
+        CP.lancedb_nearest(store, "m")(q[:1], 1), exact_nearest(model.centroids)(q[:1], 1)
+    )
+    hits = CP.search_centroids(store, "m", q[:2], k=2)
+    d = np.linalg.norm(model.centroids[hits["cluster"]] - np.repeat(q[:2], 2, axis=0), axis=1)
+    np.testing.assert_allclose(hits["distance"], d, rtol=1e-4)
+    with pytest.raises(ValueError, match="fewer than 7 reference rows"):
+        CP.lancedb_nearest(store, "m")(q, 7)
+
+
+def test_write_centroids_replaces_per_model_never_duplicates(tmp_path):
+    from gtex_assets.lib import cluster_predict as CP
+    from gtex_assets.lib.vector_store import VectorStore
+
+    store = VectorStore(tmp_path / "db")
+    rng = np.random.default_rng(1)
+    a = CP.centroid_table("a", rng.standard_normal((4, 3)), fit_id="a1", n_slides=[1, 2, 3, 4])
+    b = CP.centroid_table("b", rng.standard_normal((5, 3)), fit_id="b1")
+    assert CP.write_centroids(store, a).rows == 4
+    assert CP.write_centroids(store, b).total_rows == 9
+    for _ in range(2):  # a re-run replaces its rows
+        w = CP.write_centroids(store, a)
+        assert (w.rows, w.total_rows, w.dropped_models) == (4, 9, [])
+    fewer = CP.centroid_table("a", rng.standard_normal((2, 3)), fit_id="a2")
+    assert CP.write_centroids(store, fewer).total_rows == 7  # clusters 2, 3 of 'a' are gone
+    assert CP.centroid_models(store) == {"a": "a2", "b": "b1"}
+    wide = CP.centroid_table("a", rng.standard_normal((3, 8)), fit_id="a3")
+    w = CP.write_centroids(store, wide)  # another width: the table holds this fit only
+    assert (w.rows, w.total_rows, w.dropped_models) == (3, 3, ["b"])
+    assert CP.centroid_models(store) == {"a": "a3"}
+    with pytest.raises(ValueError, match="one \\(model_id, fold\\)"):
+        CP.write_centroids(store, pa.concat_tables([a, b]))
+
+
+def test_projection_summary_and_transcriptome_table(tmp_path):
+    from gtex_assets.lib import cluster_predict as CP
+
+    E, Y, _, c, *_ = planted_clusters(d=30, seed=8)
+    model = fit_cluster_predictor(E, Y, 4, n_components=3)
+    path = CP.save_projection(model, CP.projection_path(tmp_path, "run/1 e05"), {"fit_id": "x"})
+    assert path.name == "run_1_e05.npz"
+    proj = CP.load_projection(path)
+    assert proj.card == {"fit_id": "x"} and proj.dim_in == 30
+    np.testing.assert_allclose(proj.transform(E[:5]), model.transform(E[:5]))
+    with pytest.raises(ValueError, match="expects 30"):
+        proj.transform(E[:2, :10])
+    plain = CP.load_projection(
+        CP.save_projection(fit_cluster_predictor(E, Y, 4), tmp_path / "p.npz", {})
+    )
+    np.testing.assert_array_equal(plain.transform(E[:2]), E[:2])
+
+    tissue = np.array(["Lung", "Liver", "Liver", "Muscle"])[c]
+    summ = CP.cluster_summary(model, tissue)
+    assert summ["n_slides"].tolist() == model.cluster_sizes.tolist()
+    assert summ["majority_fraction"].eq(1.0).all()
+    genes = [f"ENSG{i}" for i in range(Y.shape[1])]
+    t = CP.transcriptome_table(
+        model, genes, [f"S{i}" for i in range(25)], summ, model_id="m", fit_id="x"
+    )
+    assert len(t) == 4 * 25 and list(t.columns) == [
+        "model_id", "fit_id", "cluster", "n_slides", "majority_tissue", "gene_id", "symbol", "log_tpm"
+    ]  # fmt: skip
+    j = int(model.train_clusters[0])
+    row = t[(t["cluster"] == j) & (t["gene_id"] == "ENSG3")].iloc[0]
+    assert row["log_tpm"] == pytest.approx(Y[model.train_clusters == j, 3].mean(), rel=1e-6)
+    assert row["majority_tissue"] == tissue[0]

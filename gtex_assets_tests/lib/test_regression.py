@@ -11,6 +11,7 @@ from sklearn.metrics import r2_score
 
 from gtex_assets.lib.regression import (
     DEFAULT_ALPHAS,
+    baseline_r2,
     donor_folds,
     fit_ridge,
     inner_donor_folds,
@@ -19,6 +20,7 @@ from gtex_assets.lib.regression import (
     recall_at_k,
     ridge_gene_r2,
     sklearn_per_gene_reference,
+    strata_too_small,
 )
 
 ALPHAS = np.logspace(-2, 4, 7)  # a short grid keeps the sklearn loop fast
@@ -249,7 +251,7 @@ def test_strata_rank_image_linked_genes_above_tissue_markers():
 def test_strata_equal_sklearn_loop_on_centred_data():
     X, Y, labels, groups = tissue_data(seed=7, per=15)
     res = ridge_gene_r2(X, Y[:, [0, 4, 9]], groups, strata=labels, alphas=ALPHAS)
-    inner = inner_donor_folds(groups, res.folds, 4, 0)
+    inner = inner_donor_folds(groups, res.folds, 4, 0, labels)  # stratified, as the fit does
     ref = sklearn_per_gene_reference(
         X, Y[:, [0, 4, 9]], res.folds, inner, alphas=ALPHAS, strata=labels
     )
@@ -284,3 +286,106 @@ def test_fold_r2_is_skill_against_the_training_mean():
     np.testing.assert_allclose(fold_r2(Y, null, folds), 0.0, atol=1e-12)
     np.testing.assert_allclose(fold_r2(Y, Y, folds), 1.0)
     assert fold_r2(Y, null + 5.0, folds).max() < 0
+
+
+# ----------------------------------------------------------------------------- strata edge cases
+
+
+def _two_strata(n_per=6, seed=11):
+    """One slide per donor, strata A (donors 0..n_per-1) and B (the rest)."""
+    rng = np.random.default_rng(seed)
+    n = 2 * n_per
+    labels = np.array(["A"] * n_per + ["B"] * n_per)
+    X = rng.standard_normal((n, 4)) + (labels == "B")[:, None] * 3.0
+    Y = X[:, :2] @ rng.standard_normal((2, 3)) + 0.1 * rng.standard_normal((n, 3)) + 5.0
+    return X, Y, labels, np.arange(n)
+
+
+def test_strata_with_single_slide_training_strata_fit_beta_zero_like_sklearn():
+    """An inner training set of one slide per stratum (X centred within strata = 0) used to
+    crash with a reshape error; the ridge solution there is β = 0 (stratum means), as in
+    sklearn."""
+    X, Y, labels, groups = _two_strata()
+    folds = np.array([0, 1, 2, 2, 2, 2, 0, 1, 2, 2, 2, 2])
+    inner = []
+    for f in range(3):
+        tr = np.flatnonzero(folds != f)
+        ids = np.ones(len(tr), dtype=np.int64)
+        for s in "AB":  # inner fold 1 trains on one slide of A and one of B only
+            ids[np.flatnonzero(labels[tr] == s)[0]] = 0
+        inner.append(ids)
+    res = ridge_gene_r2(X, Y, groups, folds=folds, inner_folds=inner, strata=labels, alphas=ALPHAS)
+    ref = sklearn_per_gene_reference(X, Y, folds, inner, alphas=ALPHAS, strata=labels)
+    np.testing.assert_array_equal(res.alpha_by_fold, ref.alpha_by_fold)
+    np.testing.assert_allclose(res.oof, ref.oof, atol=1e-6, rtol=0)
+    assert np.isfinite(res.r2).all()
+
+
+def test_stratum_missing_from_a_training_fold_is_a_clear_error():
+    X, Y, labels, groups = _two_strata()
+    labels = labels.copy()
+    labels[3] = "C"  # a tissue with a single donor
+    folds = np.array([0, 1, 2, 1, 2, 0, 0, 1, 2, 0, 1, 2])  # donor 3 (C) is tested in fold 1
+    inner = inner_donor_folds(groups, folds, 3, 0)
+    # outer fold 0 trains on donor 3: the inner fold that validates on it has no C to train on
+    v = int(inner[0][np.flatnonzero(np.flatnonzero(folds != 0) == 3)[0]])
+    with pytest.raises(ValueError) as e:
+        ridge_gene_r2(X, Y, groups, folds=folds, inner_folds=inner, strata=labels)
+    msg = str(e.value)
+    assert f"outer fold 0, inner fold {v}: stratum 'C' is in the inner validation" in msg
+    assert "1 sample(s) from 1 donor(s)" in msg
+    assert "fewer folds" in msg and "tissue_strata=False" in msg
+    # outer level: fold 0 tests on the only C donor
+    folds0 = np.where(folds == 0, 1, np.where(folds == 1, 0, 2))
+    with pytest.raises(ValueError, match=r"outer fold 0: stratum 'C' is in the held-out \(test\)"):
+        ridge_gene_r2(X, Y, groups, folds=folds0, strata=labels, inner_splits=2)
+
+
+def test_stratified_donor_folds_spread_every_tissue():
+    rng = np.random.default_rng(4)
+    # 40 donors, each with 1-4 of 6 tissues; two rare tissues with 2 and 3 donors
+    rows = []
+    for d in range(40):
+        for t in rng.choice(4, size=int(rng.integers(1, 4)), replace=False):
+            rows.append((f"D{d}", f"T{t}"))
+    rows += [("D1", "rare2"), ("D2", "rare2"), ("D3", "rare3"), ("D4", "rare3"), ("D5", "rare3")]
+    groups = np.array([r[0] for r in rows])
+    st = np.array([r[1] for r in rows])
+    folds = donor_folds(groups, 5, 0, st)
+    for d in np.unique(groups):  # donors stay whole
+        assert len(np.unique(folds[groups == d])) == 1
+    for t in np.unique(st):  # every tissue's donors spread over distinct folds first
+        n_donors = len(np.unique(groups[st == t]))
+        assert len(np.unique(folds[st == t])) == min(n_donors, 5)
+    inner = inner_donor_folds(groups, folds, 4, 0, st)
+    for f, ids in enumerate(inner):  # with >= 3 donors a tissue is trained on in every split
+        tr = np.flatnonzero(folds != f)
+        for v in np.unique(ids):
+            itr = tr[ids != v]
+            assert {"T0", "T1", "T2", "T3", "rare3"} <= set(st[itr])
+    assert strata_too_small(groups, st) == ["rare2"]
+    # deterministic; sizes still balanced
+    np.testing.assert_array_equal(folds, donor_folds(groups, 5, 0, st))
+    sizes = np.bincount(folds)
+    assert sizes.max() - sizes.min() <= 4
+
+
+def test_baseline_r2_is_the_training_tissue_mean_predictor():
+    rng = np.random.default_rng(5)
+    groups = np.repeat(np.arange(12), 2).astype(str)
+    st = np.tile(["a", "b"], 12)
+    Y = rng.normal(size=(24, 3)) + (st == "a")[:, None] * 5.0
+    folds = donor_folds(groups, 4, 0, st)
+    got = baseline_r2(Y, folds, st)
+    oof = np.empty_like(Y)
+    for f in range(4):
+        tr, te = folds != f, folds == f
+        for t in ("a", "b"):
+            oof[te & (st == t)] = Y[tr & (st == t)].mean(axis=0)
+    ref = np.empty(3)
+    for g in range(3):
+        ss_res = ((Y[:, g] - oof[:, g]) ** 2).sum()
+        ss_tot = sum(((Y[st == t, g] - Y[st == t, g].mean()) ** 2).sum() for t in ("a", "b"))
+        ref[g] = 1 - ss_res / ss_tot
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
+    assert (got < 0).all()

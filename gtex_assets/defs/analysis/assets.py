@@ -8,6 +8,7 @@ Inputs: ``tables/slide_embeddings.parquet`` (one row per model × slide), ``tabl
 """
 
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pydantic import Field
 from gtex_assets.defs.embeddings.assets import slide_embeddings, tile_embeddings
 from gtex_assets.defs.expression.assets import gene_log_tpm
 from gtex_assets.defs.metadata import plot_metadata, table_metadata
+from gtex_assets.lib import cluster_predict as CP
 from gtex_assets.lib import plots_analysis as P
 from gtex_assets.lib import vector_store as V
 from gtex_assets.lib.atomic import write_parquet
@@ -36,10 +38,12 @@ from gtex_assets.lib.projection import (
 )
 from gtex_assets.lib.regression import (
     DEFAULT_ALPHAS,
+    baseline_r2,
     donor_folds,
     inner_donor_folds,
     recall_at_k,
     ridge_gene_r2,
+    strata_too_small,
 )
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
@@ -52,11 +56,16 @@ COORDS_TABLE = "projection_coords"
 SILHOUETTE_TABLE = "projection_silhouettes"
 GENE_R2_TABLE = "gene_r2"
 GENE_R2_FOLDS_TABLE = "gene_r2_folds"
+GENE_R2_BY_MODEL_TABLE = "gene_r2_by_model"
+GENE_R2_MODELS_TABLE = "gene_r2_models"
 CLUSTER_TABLE = "cluster_transcriptome_r2"
+TRANSCRIPTOMES_TABLE = "cluster_transcriptomes"  # served: the clusters' mean transcriptomes
+MEMBERS_TABLE = "cluster_members"  # served: the final fit's slides and their cluster
 FC_GENES_TABLE = "feature_comparison_genes"
 FC_ACCURACY_TABLE = "feature_comparison_accuracy"
 TRUTH_LINKED = "truth/image_linked_genes.csv"
 ANALYSIS_VERSION = "1"
+CLUSTER_VERSION = "2"  # 2: LanceDB lookup in the evaluation + the served predictor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +138,16 @@ def _pick_models(
     return ots_id, ots_id, "off-the-shelf (no fine-tuned checkpoint embedded)"
 
 
+def _kind_of(models: pd.DataFrame, model_id: str) -> str:
+    k = models.loc[models["model_id"] == model_id, "kind"] if "kind" in models else pd.Series()
+    return str(k.iloc[0]) if len(k) and pd.notna(k.iloc[0]) else ""
+
+
+def _epoch_of(models: pd.DataFrame, model_id: str) -> float:
+    e = models.loc[models["model_id"] == model_id, "epoch"] if "epoch" in models else pd.Series()
+    return float(e.iloc[0]) if len(e) and pd.notna(e.iloc[0]) else np.nan
+
+
 def _model_slides(meta: pd.DataFrame, vec: np.ndarray, model_id: str) -> Slides:
     idx = np.flatnonzero((meta["model_id"] == model_id).to_numpy())
     m = meta.iloc[idx].reset_index(drop=True)
@@ -166,14 +185,21 @@ def _paired(
     return slides.vectors[ia], Y, meta
 
 
-def _fold_counts(groups: np.ndarray, n_splits: int, inner_splits: int, seed: int) -> dict:
-    """Outer/inner fold counts lowered to what the number of donors allows."""
+def _fold_counts(
+    groups: np.ndarray,
+    n_splits: int,
+    inner_splits: int,
+    seed: int,
+    strata: np.ndarray | None = None,
+) -> dict:
+    """Outer/inner fold counts lowered to what the number of donors allows (donor folds
+    stratified by tissue when ``strata`` is given)."""
     n_donors = len(np.unique(groups))
     if n_donors < 4:
         # 3 donors leave 1 donor in an inner training fold: nothing left within a tissue
         raise dg.Failure(description=f"{n_donors} donor(s): donor-grouped nested CV needs >= 4")
     k = max(2, min(n_splits, n_donors))
-    outer = donor_folds(groups, k, seed)
+    outer = donor_folds(groups, k, seed, strata)
     min_train = min(len(np.unique(groups[outer != f])) for f in range(k))
     # as many inner folds as allowed (<= training donors): keeps >= 2 donors per inner fit
     inner = max(2, min(inner_splits, min_train))
@@ -184,6 +210,22 @@ def _fold_counts(groups: np.ndarray, n_splits: int, inner_splits: int, seed: int
         "lowered": k != n_splits or inner != inner_splits,
         "folds": outer,
     }
+
+
+def _drop_small_tissues(
+    context: dg.AssetExecutionContext, pm: pd.DataFrame, *arrays: np.ndarray
+) -> tuple[pd.DataFrame, list[str], list[np.ndarray]]:
+    """Leave out tissues with < 3 donors: a within-tissue fit needs a training donor of the
+    tissue in every outer and inner split (stratified donor folds guarantee it from 3)."""
+    small = strata_too_small(pm["subject_id"].astype(str), pm["tissue"].astype(str))
+    if not small:
+        return pm, [], list(arrays)
+    keep = ~pm["tissue"].astype(str).isin(small).to_numpy()
+    context.log.warning(
+        f"{len(small)} tissue(s) with < 3 donors left out of the within-tissue fit "
+        f"({int((~keep).sum())} slides): {small}"
+    )
+    return pm[keep].reset_index(drop=True), small, [a[keep] for a in arrays]
 
 
 def _features(X: np.ndarray, features: str, n_pcs: int, seed: int) -> np.ndarray:
@@ -440,7 +482,12 @@ class GeneR2Config(dg.Config):
         default=True,
         description="Tissue fixed effects and within-tissue R² (else tissue markers crowd the top)",
     )
-    selected_model_id: str = Field(default="", description="Override the selected checkpoint")
+    model: str = Field(
+        default="best",
+        description="'best': every embedded model on the same donor folds, the one explaining the "
+        "most held-out variance (sum over genes of max(R², 0)) is reported (all in gene_r2_by_model); 'selected': "
+        "the classifier's selected checkpoint only; or a model_id",
+    )
     top_n: int = Field(default=30, description="Top genes shown in the metadata")
     random_state: int = Field(default=0, description="Seed of the donor folds")
 
@@ -457,69 +504,122 @@ def gene_r2(
     lake: DataLakeResource,
     gtex_source: GTExSourceResource,
 ) -> dg.MaterializeResult:
-    """SPEC §8: per-gene ridge R² on held-out donors from the selected model's slide embeddings
-    → `tables/gene_r2.parquet` (gene, symbol, r2, pearson_r, alpha, rank) and the donor folds
-    (`tables/gene_r2_folds.parquet`, reused by cluster_transcriptome)."""
+    """SPEC §8: per-gene ridge R² on held-out donors (tissue-stratified donor folds, within-
+    tissue R²) from slide embeddings → `tables/gene_r2.parquet` (gene, symbol, r2, pearson_r,
+    alpha, rank, r2_baseline = the no-image predictor's R², model_id) for the reported model;
+    with `model: best` every embedded model is fitted on the same folds
+    (`tables/gene_r2_by_model.parquet`, summary `tables/gene_r2_models.parquet`) and the one
+    explaining the most held-out variance (Σ over genes of max(R², 0)) is reported. Donor folds: `tables/gene_r2_folds.parquet`
+    (reused by cluster_transcriptome)."""
     lk = lake.lake()
     t0 = time.perf_counter()
     meta, vec = _read_slides(lk)
     models = _models(lk, sorted(meta["model_id"].unique()))
-    sel, _, how = _pick_models(models, config.selected_model_id)
+    explicit = "" if config.model in ("best", "selected") else config.model
+    sel, _, how = _pick_models(models, explicit)
     X_expr, genes, samples = _expression(lk)
     F, Y, pm = _paired(_model_slides(meta, vec, sel), X_expr, samples)
+    # every candidate model on the same slides (a model missing some is left out of 'best')
+    feats = {sel: F}
+    if config.model == "best":
+        for m in sorted(set(models["model_id"]) - {sel}):
+            ms = _model_slides(meta, vec, m)
+            pos = pd.Index(ms.meta["tissue_sample_id"].astype(str)).get_indexer(
+                pm["tissue_sample_id"].astype(str)
+            )
+            if (pos < 0).any():
+                context.log.warning(f"{m}: {int((pos < 0).sum())} slide(s) not embedded, skipped")
+                continue
+            feats[m] = ms.vectors[pos]
+    dropped: list[str] = []
+    if config.tissue_strata:
+        ids = list(feats)
+        pm, dropped, arrs = _drop_small_tissues(context, pm, Y, *feats.values())
+        Y, feats = arrs[0], dict(zip(ids, arrs[1:], strict=True))
     groups = pm["subject_id"].astype(str).to_numpy()
-    fc = _fold_counts(groups, config.n_splits, config.inner_splits, config.random_state)
+    strata = pm["tissue"].astype(str).to_numpy() if config.tissue_strata else None
+    fc = _fold_counts(groups, config.n_splits, config.inner_splits, config.random_state, strata)
     if fc["lowered"]:
         context.log.warning(
             f"{fc['n_donors']} donors: folds lowered to {fc['n_splits']} outer / "
             f"{fc['inner_splits']} inner"
         )
-    X = _features(F, config.features, config.n_pcs, config.random_state)
-    strata = pm["tissue"].astype(str).to_numpy() if config.tissue_strata else None
-    res = ridge_gene_r2(
-        X,
-        Y,
-        groups,
-        alphas=config.alphas,
-        folds=fc["folds"],
-        inner_folds=inner_donor_folds(groups, fc["folds"], fc["inner_splits"], config.random_state),
-        strata=strata,
-        random_state=config.random_state,
-        return_oof=False,
-    )
+    inner = inner_donor_folds(groups, fc["folds"], fc["inner_splits"], config.random_state, strata)
     gene_ids = genes["gene_id"].astype(str).tolist()
-    table = res.table(gene_ids, genes["symbol"].astype(str).tolist())
+    symbols = genes["symbol"].astype(str).tolist()
+    try:
+        base = baseline_r2(Y, fc["folds"], strata)
+        tables: dict[str, pd.DataFrame] = {}
+        for m, Fm in feats.items():
+            X = _features(Fm, config.features, config.n_pcs, config.random_state)
+            res = ridge_gene_r2(
+                X, Y, groups, alphas=config.alphas, folds=fc["folds"], inner_folds=inner,
+                strata=strata, random_state=config.random_state, return_oof=False,
+            )  # fmt: skip
+            t = res.table(gene_ids, symbols)
+            t["r2_baseline"] = t["gene"].map(dict(zip(gene_ids, base, strict=True)))
+            tables[m] = t.assign(model_id=m)
+    except ValueError as e:  # e.g. a tissue missing from a training fold: say what to change
+        raise dg.Failure(description=f"gene_r2: {e}") from e
+
+    planted = _planted(gtex_source)
+    hl = None
+    if planted is not None and len(planted):
+        hl = [g for g in planted["gene_id"].astype(str) if g in set(gene_ids)] or None
+    summary = pd.DataFrame(
+        [
+            {
+                "model_id": m,
+                "kind": _kind_of(models, m),
+                "epoch": _epoch_of(models, m),
+                "mean_r2": float(np.nanmean(t["r2"])),
+                "sum_positive_r2": float(np.nansum(np.clip(t["r2"], 0, None))),
+                "median_r2": float(np.nanmedian(t["r2"])),
+                "genes_r2_above_0.1": int(np.nansum(t["r2"] > 0.1)),
+                "top_r2": float(np.nanmax(t["r2"])),
+                "planted_recall_at_k": recall_at_k(t["gene"], hl) if hl else np.nan,
+            }
+            for m, t in tables.items()
+        ]
+    )
+    if config.model == "best":
+        # Σ max(R², 0): the variance explained where there is any. The mean over all genes
+        # would be decided by the many unpredictable genes (their R² is estimation noise).
+        primary = str(summary.loc[summary["sum_positive_r2"].idxmax(), "model_id"])
+        how = f"most held-out variance explained (Σ max(R², 0)) of {len(tables)} models"
+    else:
+        primary = sel
+    summary["primary"] = summary["model_id"] == primary
+    table = tables[primary]
     out = write_parquet(table, lk.table(GENE_R2_TABLE))
+    write_parquet(pd.concat(tables.values(), ignore_index=True), lk.table(GENE_R2_BY_MODEL_TABLE))
+    write_parquet(summary, lk.table(GENE_R2_MODELS_TABLE))
     folds = pd.DataFrame(
         {
             "tissue_sample_id": pm["tissue_sample_id"].astype(str),
             "subject_id": groups,
             "tissue": pm["tissue"].astype(str),
             "fold": fc["folds"].astype(np.int32),
-            "model_id": sel,
+            "model_id": primary,
         }
     )
     write_parquet(folds, lk.table(GENE_R2_FOLDS_TABLE))
 
-    planted = _planted(gtex_source)
-    hl = None
     md: dict = {}
-    if planted is not None and len(planted):
-        hl = planted["gene_id"].astype(str).tolist()
-        kept = [g for g in hl if g in set(gene_ids)]
-        if kept:
-            md["planted_recall_at_k"] = _f(recall_at_k(table["gene"], kept))
-            md["planted_genes_kept"] = dg.MetadataValue.int(len(kept))
-        non = table[~table["gene"].isin(set(hl))]["r2"]
-        md["mean_r2_non_linked"] = _f(non.mean())
-        md["mean_r2_linked"] = _f(table[table["gene"].isin(set(hl))]["r2"].mean())
+    if hl:
+        hs = set(hl)
+        md["planted_recall_at_k"] = _f(recall_at_k(table["gene"], hl))
+        md["planted_genes_kept"] = dg.MetadataValue.int(len(hl))
+        md["mean_r2_linked"] = _f(table[table["gene"].isin(hs)]["r2"].mean())
+        md["mean_r2_non_linked"] = _f(table[~table["gene"].isin(hs)]["r2"].mean())
     png = P.r2_ranking_plot(
         table, _png(lk, "analysis/gene_r2_ranking.png"), highlight=hl,
-        title=f"Per-gene R² from {sel} (held-out donors{', within tissue' if strata is not None else ''})",
+        title=f"Per-gene R² from {primary} (held-out donors{', within tissue' if strata is not None else ''})",
     )  # fmt: skip
     r2 = table["r2"].to_numpy(dtype=float)
     context.log.info(
-        f"gene_r2: {len(table)} genes, {len(pm)} slides, {time.perf_counter() - t0:.1f}s"
+        f"gene_r2: {len(table)} genes, {len(pm)} slides, {len(tables)} model(s), "
+        f"{time.perf_counter() - t0:.1f}s"
     )
     md.update(
         {
@@ -527,16 +627,21 @@ def gene_r2(
             "top_genes": dg.MetadataValue.md(
                 table.head(config.top_n).to_markdown(index=False, floatfmt=".4f")
             ),
-            "model_id": dg.MetadataValue.text(f"{sel} ({how})"),
-            "features": dg.MetadataValue.text(f"{config.features} ({X.shape[1]} columns)"),
+            "models": dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".4f")),
+            "model_id": dg.MetadataValue.text(f"{primary} ({how})"),
+            "features": dg.MetadataValue.text(
+                f"{config.features} ({_features(feats[primary], config.features, config.n_pcs, config.random_state).shape[1]} columns)"
+            ),
             "samples": dg.MetadataValue.int(len(pm)),
             "donors": dg.MetadataValue.int(fc["n_donors"]),
+            "tissues_left_out": dg.MetadataValue.text(", ".join(dropped) or "none"),
             "genes": dg.MetadataValue.int(len(table)),
             "n_splits": dg.MetadataValue.int(fc["n_splits"]),
             "inner_splits": dg.MetadataValue.int(fc["inner_splits"]),
             "folds_lowered": dg.MetadataValue.bool(bool(fc["lowered"])),
             "tissue_strata": dg.MetadataValue.bool(strata is not None),
             "median_r2": _f(np.nanmedian(r2)),
+            "mean_r2_no_image_baseline": _f(np.nanmean(base)),
             "genes_r2_above_0.1": dg.MetadataValue.int(int(np.nansum(r2 > 0.1))),
             "top_r2": _f(np.nanmax(r2)),
             "seconds": _f(time.perf_counter() - t0),
@@ -561,23 +666,42 @@ class ClusterTranscriptomeConfig(dg.Config):
     random_state: int = Field(default=0, description="Seed of k-means")
 
 
+def _merge_models(path: Path, new: pd.DataFrame, model_id: str, drop: list[str]) -> pd.DataFrame:
+    """``new`` rows for ``model_id`` + the other models' rows already at ``path`` (minus ``drop``)."""
+    if not path.is_file():
+        return new
+    old = pd.read_parquet(path)
+    if "model_id" not in old.columns or list(old.columns) != list(new.columns):
+        return new  # an older layout: rewrite with this fit only
+    old = old[~old["model_id"].isin([model_id, *drop])]
+    return pd.concat([old, new], ignore_index=True) if len(old) else new
+
+
 @dg.asset(
     group_name=GROUP,
-    kinds={"scikitlearn", "parquet"},
+    kinds={"scikitlearn", "parquet", "lancedb"},
     deps=[gene_r2],
-    code_version=ANALYSIS_VERSION,
+    code_version=CLUSTER_VERSION,
+    pool="lancedb_writer",  # writes cluster_centroids (dagster.yaml: every pool is exclusive)
 )
 def cluster_transcriptome(
     context: dg.AssetExecutionContext, config: ClusterTranscriptomeConfig, lake: DataLakeResource
 ) -> dg.MaterializeResult:
-    """SPEC §8: cluster-average transcriptome predicted for held-out donors (the same donor folds
-    and model as gene_r2), compared per gene with the ridge R²
-    (`tables/cluster_transcriptome_r2.parquet`). Nearest-cluster lookup: exact (numpy)."""
+    """SPEC §8: cluster-average transcriptome. (1) Held-out donors (the same donor folds and
+    model as gene_r2): each fold's centroids go to a temporary LanceDB table and every held-out
+    slide is assigned through the LanceDB search that serves lookups; per-gene R² next to the
+    ridge R² → `tables/cluster_transcriptome_r2.parquet`. (2) The predictor fitted on all paired
+    slides, what `gtex-assets nearest SAMPLE --transcriptome` serves: `tables/cluster_transcriptomes`
+    (long: model_id, cluster, n_slides, majority_tissue, gene_id, symbol, log_tpm),
+    `tables/cluster_members`, the PCA under `models/cluster_transcriptome/<model>.npz` and the
+    centroids in the LanceDB table `cluster_centroids` (replaced per model)."""
     lk = lake.lake()
     t0 = time.perf_counter()
     fp = lk.table(GENE_R2_FOLDS_TABLE)
     if not fp.is_file() or not lk.table(GENE_R2_TABLE).is_file():
         raise dg.Failure(description=f"{fp} is missing: materialise gene_r2 first")
+    if config.method not in ("kmeans", "agglomerative"):
+        raise dg.Failure(description=f"method {config.method!r}: use 'kmeans' or 'agglomerative'")
     folds = pd.read_parquet(fp)
     ridge = pd.read_parquet(lk.table(GENE_R2_TABLE))
     sel = str(folds["model_id"].iloc[0])
@@ -591,23 +715,73 @@ def cluster_transcriptome(
         )
     groups = pm["subject_id"].astype(str).to_numpy()
     strata = pm["tissue"].astype(str).to_numpy() if config.tissue_strata else None
-    ev = evaluate_cluster_predictor(
-        F,
-        Y,
-        groups,
-        n_clusters=config.n_clusters,
-        folds=f["fold"].to_numpy(dtype=np.int64),
-        random_state=config.random_state,
-        strata=strata,
-        n_components=config.n_components,
-        method=config.method,
-    )
-    table = compare_gene_r2(ridge, ev, genes["gene_id"].astype(str).tolist())
+    fit_kw = {"n_components": config.n_components, "method": config.method}
+
+    # (1) held-out donors, nearest cluster through LanceDB (fold rows in a throwaway store)
+    with tempfile.TemporaryDirectory(prefix="gtex_cluster_cv_") as tmp:
+        cv_store = V.VectorStore(Path(tmp) / "lancedb")
+        ev = evaluate_cluster_predictor(
+            F,
+            Y,
+            groups,
+            n_clusters=config.n_clusters,
+            folds=f["fold"].to_numpy(dtype=np.int64),
+            random_state=config.random_state,
+            strata=strata,
+            nearest_factory=CP.lancedb_nearest_factory(cv_store, sel),
+            **fit_kw,
+        )
+    agree = ev.n_agree_exact
+    if agree < len(ev.clusters):
+        context.log.warning(
+            f"LanceDB and exact search disagree on {len(ev.clusters) - agree} of "
+            f"{len(ev.clusters)} held-out assignments (float32 near-ties)"
+        )
+    gene_ids = genes["gene_id"].astype(str).tolist()
+    symbols = genes["symbol"].astype(str).tolist()
+    table = compare_gene_r2(ridge, ev, gene_ids)
     out = write_parquet(table, lk.table(CLUSTER_TABLE))
     png = P.r2_scatter(
         table["r2_ridge"], table["r2_cluster"], _png(lk, "analysis/cluster_vs_ridge_r2.png"),
         xlabel="ridge R²", ylabel="cluster-average R²", title=f"Per-gene R², held-out donors ({sel})",
     )  # fmt: skip
+
+    # (2) the served predictor: every paired slide of the model
+    final = CP.fit_cluster_predictor(
+        F, Y, config.n_clusters, random_state=config.random_state, **fit_kw
+    )
+    params = {"model_id": sel, "n_clusters": config.n_clusters, "random_state": config.random_state,
+              **fit_kw, "samples": pm["tissue_sample_id"].astype(str).tolist(), "genes": gene_ids}  # fmt: skip
+    fit_id = CP.fit_fingerprint(final, params)
+    summary = CP.cluster_summary(final, pm["tissue"].astype(str).to_numpy())
+    card = {k: v for k, v in params.items() if k not in ("samples", "genes")}
+    card.update(fit_id=fit_id, n_slides=len(pm), n_genes=len(gene_ids), dim=int(F.shape[1]),
+                space_dim=int(final.centroids.shape[1]), clusters=int(final.n_clusters))  # fmt: skip
+    proj = CP.save_projection(final, CP.projection_path(lk.models, sel), card)
+    store = V.VectorStore(lk.lancedb)
+    cents = CP.centroid_table(
+        sel, final.centroids, fit_id=fit_id,
+        n_slides=summary["n_slides"], majority_tissue=summary["majority_tissue"],
+    )  # fmt: skip
+    wrote = CP.write_centroids(store, cents)
+    if wrote.dropped_models:
+        context.log.warning(
+            f"{CP.CENTROID_TABLE}: vectors now {final.centroids.shape[1]}-D, so the clusters of "
+            f"{wrote.dropped_models} (another width) were dropped; re-materialise for them"
+        )
+        for m in wrote.dropped_models:
+            CP.projection_path(lk.models, m).unlink(missing_ok=True)
+    tx = CP.transcriptome_table(final, gene_ids, symbols, summary, model_id=sel, fit_id=fit_id)
+    members = CP.member_table(final, pm, model_id=sel, fit_id=fit_id)
+    out_tx = lk.table(TRANSCRIPTOMES_TABLE)
+    write_parquet(_merge_models(out_tx, tx, sel, wrote.dropped_models), out_tx)
+    out_m = lk.table(MEMBERS_TABLE)
+    write_parquet(_merge_models(out_m, members, sel, wrote.dropped_models), out_m)
+    sizes = summary[["cluster", "n_slides", "majority_tissue", "majority_fraction"]]
+    context.log.info(
+        f"cluster_transcriptome: {len(pm)} slides, {final.n_clusters} clusters, "
+        f"{agree}/{len(ev.clusters)} LanceDB = exact, {time.perf_counter() - t0:.1f}s"
+    )
     return dg.MaterializeResult(
         metadata={
             **table_metadata(table, out),
@@ -618,6 +792,19 @@ def cluster_transcriptome(
             "median_delta_r2": _f(np.nanmedian(table["delta_r2"])),
             "genes_cluster_better": dg.MetadataValue.int(int((table["delta_r2"] > 0).sum())),
             "median_sample_r": _f(np.nanmedian(ev.sample_r)),
+            "nearest_lookup": dg.MetadataValue.text(
+                "LanceDB (exact L2 scan of each fold's centroids, the served search)"
+            ),
+            "held_out_assignments": dg.MetadataValue.int(len(ev.clusters)),
+            "assignments_agree_exact": dg.MetadataValue.int(agree),
+            "fit_id": dg.MetadataValue.text(fit_id),
+            "final_clusters": dg.MetadataValue.md(sizes.to_markdown(index=False, floatfmt=".2f")),
+            "transcriptomes_path": dg.MetadataValue.path(str(out_tx)),
+            "members_path": dg.MetadataValue.path(str(out_m)),
+            "projection_path": dg.MetadataValue.path(str(proj)),
+            "lancedb_table": dg.MetadataValue.text(f"{lk.lancedb}/{CP.CENTROID_TABLE}"),
+            "centroid_rows_model": dg.MetadataValue.int(wrote.rows),
+            "centroid_rows_total": dg.MetadataValue.int(wrote.total_rows),
             "seconds": _f(time.perf_counter() - t0),
             "plot": plot_metadata(png),
         }
