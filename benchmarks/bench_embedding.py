@@ -16,8 +16,11 @@ step of ``lib.embedding.TileEmbedder`` to the baseline:
 4. ``+ channels_last + inference_mode``;
 5. ``+ BN folded`` into the convolutions (exact fp32: the fast exact path);
 6. ``+ bf16 autocast`` (only where the CPU has native bf16);
-7. ``project path (auto)``: ``TileEmbedder`` defaults as the assets run it -- bf16 only if the
-   first batch's min cosine to fp32 is >= 0.999, else the exact fp32 path; includes that check.
+7. ``+ ONNX Runtime engine``: the same (BN-folded) module exported to ONNX and run by ONNX
+   Runtime's CPU engine in fp32;
+8. ``project path (auto)``: ``TileEmbedder`` defaults as the assets run it -- on CPU the ONNX
+   Runtime engine when installed (exact fp32), else torch with bf16 only if the first batch's
+   min cosine to fp32 is >= 0.999.
 
 Throughput (decode included, steady state) is reported two ways: wall-clock tiles/s (best and
 median of ``--rounds`` interleaved rounds) and tiles per CPU-second of this process (all its
@@ -90,7 +93,7 @@ def load(spec: str) -> tuple[str, torch.nn.Module, int, str]:
 
 def variants(model: torch.nn.Module, size: int, batch: int) -> list[tuple[str, object]]:
     """``(name, prepare)``; ``prepare()`` -> ``(run(paths) -> embeddings, embedder or None)``.
-    Preparation (BN folding, layout) is one-off per run and timed separately."""
+    Preparation (BN folding, layout, ONNX export) is one-off per run and timed separately."""
 
     def baseline(ftz: bool):
         def prepare():
@@ -131,11 +134,16 @@ def variants(model: torch.nn.Module, size: int, batch: int) -> list[tuple[str, o
         ("baseline: eager fp32 NCHW, eval_transform, batch 32", baseline(False)),
         ("+ denormals flushed to zero", baseline(True)),
         ("+ threaded uint8 decode (2 threads), batched normalise", threaded_nchw),
-        ("+ channels_last + inference_mode", emb(precision="fp32", fold_bn=False)),
-        ("+ BN folded (fast exact fp32 path)", emb(precision="fp32")),
+        (
+            "+ channels_last + inference_mode",
+            emb(precision="fp32", fold_bn=False, engine="torch"),
+        ),
+        ("+ BN folded (exact fp32, torch)", emb(precision="fp32", engine="torch")),
     ]
     if E.native_bf16("cpu"):
-        out.append(("+ bf16 autocast (forced)", emb(precision="bf16")))
+        out.append(("+ bf16 autocast (forced, torch)", emb(precision="bf16", engine="torch")))
+    if E.onnxruntime_available():
+        out.append(("+ ONNX Runtime engine (exact fp32)", emb(precision="fp32")))
     out.append(("project path: TileEmbedder(auto)", emb()))
     return out
 
@@ -172,8 +180,8 @@ def run_model(spec: str, paths: list[str], rounds: int, batch: int) -> list[dict
         shown = name
         if name.startswith("project") and embr is not None:
             cal = embr.report.calibration_cosine
-            shown = f"{name} -> {embr.precision} (first-batch bf16 cosine " + (
-                "n/a)" if cal is None else f"{cal:.4f})"
+            shown = f"{name} -> {embr.report.engine} {embr.precision}" + (
+                "" if cal is None else f" (first-batch bf16 cosine {cal:.4f})"
             )
         rows.append(
             {

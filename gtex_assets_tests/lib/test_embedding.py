@@ -64,7 +64,9 @@ def test_fast_path_matches_the_eager_fp32_reference(lite0, tile_paths):
     )
     assert E.cosine_rows(exact, ref).min() > 0.99999
     np.testing.assert_allclose(exact, ref, rtol=1e-3, atol=1e-4)
-    auto = E.TileEmbedder(lite0, 160, E.InferenceOptions(precision="auto", min_cosine=0.999))
+    auto = E.TileEmbedder(
+        lite0, 160, E.InferenceOptions(precision="auto", min_cosine=0.999, engine="torch")
+    )
     fast, _ = auto.embed_paths(tile_paths)
     assert auto.precision in ("fp32", "bf16")
     # Whatever it chose, the accuracy bar holds against the reference.
@@ -77,13 +79,51 @@ def test_fast_path_matches_the_eager_fp32_reference(lite0, tile_paths):
 
 def test_auto_precision_falls_back_to_fp32_below_the_bar(lite0, tile_paths, monkeypatch):
     monkeypatch.setattr(E, "native_bf16", lambda device="cpu": True)
-    emb = E.TileEmbedder(lite0, 96, E.InferenceOptions(precision="auto", min_cosine=1.01))
+    opts = E.InferenceOptions(precision="auto", min_cosine=1.01, engine="torch")
+    emb = E.TileEmbedder(lite0, 96, opts)
     out, _ = emb.embed_paths(tile_paths[:4])
     assert emb.precision == "fp32" and emb.report.calibration_cosine < 1.01
-    ref, _ = E.TileEmbedder(lite0, 96, E.InferenceOptions(precision="fp32")).embed_paths(
-        tile_paths[:4]
-    )
+    ref, _ = E.TileEmbedder(
+        lite0, 96, E.InferenceOptions(precision="fp32", engine="torch")
+    ).embed_paths(tile_paths[:4])
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_onnxruntime_engine_is_the_exact_cpu_default(lite0, tile_paths):
+    ref = E.reference_embed(lite0, tile_paths, 128)
+    emb = E.TileEmbedder(lite0, 128, E.InferenceOptions(batch_size=3))  # auto on CPU
+    out, ok = emb.embed_paths(tile_paths)
+    assert emb.report.engine == "onnxruntime" and emb.precision == "fp32" and ok.all()
+    assert out.shape == (8, 1280) and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4)
+    assert E.cosine_rows(out, ref).min() > 0.99999
+    again, _ = E.TileEmbedder(lite0, 128, E.InferenceOptions(batch_size=5)).embed_paths(tile_paths)
+    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-6)  # batch size doesn't matter
+    torch_emb = E.TileEmbedder(lite0, 128, E.InferenceOptions(engine="torch", precision="fp32"))
+    assert torch_emb.report.engine == "torch"
+
+
+def test_engine_choices_and_fallback(lite0, tile_paths, monkeypatch):
+    with pytest.raises(ValueError, match="bf16"):
+        E.InferenceOptions(engine="onnxruntime", precision="bf16")
+    with pytest.raises(ValueError, match="engine"):
+        E.InferenceOptions(engine="tensorrt")
+    # forced bf16 stays on torch (ONNX Runtime runs fp32 only)
+    monkeypatch.setattr(E, "native_bf16", lambda device="cpu": True)
+    bf = E.TileEmbedder(lite0, 96, E.InferenceOptions(precision="bf16"))
+    assert bf.report.engine == "torch"
+
+    # a model the exporter cannot handle: auto falls back to torch, forced raises
+    def broken(*a, **k):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(E.OrtFeatures, "__init__", broken)
+    emb = E.TileEmbedder(lite0, 96, E.InferenceOptions(precision="fp32"))
+    assert emb.report.engine == "torch"
+    out, _ = emb.embed_paths(tile_paths[:2])
+    assert out.shape == (2, 1280)
+    with pytest.raises(RuntimeError, match="unsupported operator"):
+        E.TileEmbedder(lite0, 96, E.InferenceOptions(engine="onnxruntime"))
 
 
 def test_preprocessing_is_pixel_identical_to_eval_transform(tile_paths):

@@ -83,6 +83,10 @@ class TileEmbeddingsConfig(dg.Config):
         "'fp32' or 'bf16'",
     )
     min_cosine: float = Field(default=0.999, description="bf16 accuracy bar (auto precision)")
+    engine: str = Field(
+        default="auto",
+        description="'auto' (ONNX Runtime fp32 on CPU, torch on GPU), 'onnxruntime' or 'torch'",
+    )
     decode_workers: int = Field(default=2, description="Threads decoding JPEGs ahead of the model")
     device: str = Field(default="auto", description="auto (CUDA, MPS, CPU), cpu, cuda[:N], mps")
 
@@ -92,6 +96,7 @@ class TileEmbeddingsConfig(dg.Config):
             precision=self.precision,
             decode_workers=self.decode_workers,
             min_cosine=self.min_cosine,
+            engine=self.engine,
         )
 
 
@@ -255,6 +260,7 @@ def tile_embeddings(
                 "kind": s.kind,
                 "epoch": s.epoch,
                 "precision": embedders[s.model_id].precision if s.model_id in embedders else "",
+                "engine": embedders[s.model_id].report.engine if s.model_id in embedders else "",
                 "bf16_min_cosine": (
                     embedders[s.model_id].report.calibration_cosine
                     if s.model_id in embedders
