@@ -38,11 +38,27 @@ sys.path.insert(0, str(ROOT))
 from gtex_assets.lib.tiling import SlideJob, TilingParams, start_pool, tile_slides  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
-# Where the tiles are written while timing: like a data root, outside the source tree (a tree
-# under a file watcher, as a checkout in an IDE or sync tool is, makes every file create cost
-# more; measured here: +0.7 ms per tile). Change with --out.
+# Where the tiles are written while timing (--out). A directory under a file watcher (an IDE,
+# a sync tool, a sandbox's monitor) makes every file create cost 10x more; the run prints the
+# create cost of --out and of the system temp dir so a slow directory is visible.
 OUT = Path(tempfile.gettempdir()) / "gtex_bench_tiling"
 T = 448
+
+
+def file_create_ms(directory: Path, n: int = 200, size: int = 40_000) -> float:
+    """Mean ms to create, write and rename one tile-sized file in ``directory`` (as the tiler)."""
+    d = Path(tempfile.mkdtemp(dir=directory, prefix="create_probe_"))
+    data = os.urandom(size)
+    t0 = time.perf_counter()
+    for i in range(n):
+        tmp = d / f".{i}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+        os.replace(tmp, d / f"{i}.jpg")
+    ms = (time.perf_counter() - t0) / n * 1e3
+    shutil.rmtree(d)
+    return ms
 
 
 def make_slides(n_slides: int, size: int, quality: int = 85) -> list[tuple[str, str, Path]]:
@@ -297,6 +313,9 @@ def main() -> None:
     if args.mosaic:
         slides = make_mosaic(slides, args.mosaic, args.quality)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    args.out.mkdir(parents=True, exist_ok=True)
+    create_out = file_create_ms(args.out)
+    create_tmp = file_create_ms(Path(tempfile.gettempdir()))
 
     t0 = time.perf_counter()
     pool = start_pool(2)
@@ -360,6 +379,8 @@ def main() -> None:
         "c1_over_b_cpu": round(c1_cpu / b_cpu, 2),
         "scaling_2_workers_wall": round(c2_wall / c1_wall, 2),
         "pool_startup_s": round(startup, 2),
+        "out_dir": str(args.out), "file_create_ms_out": round(create_out, 3),
+        "file_create_ms_tmp": round(create_tmp, 3),
     }  # fmt: skip
     print()
     what = (f"1 mosaic slide of {args.mosaic}x{args.mosaic} generated slides ({args.mosaic * args.size} px square)"
@@ -368,6 +389,8 @@ def main() -> None:
           f"{cores} cores; best of {args.repeat} interleaved rounds")  # fmt: skip
     print(f"load average {load0[0]:.2f} -> {load1[0]:.2f} (other processes share these cores: wall "
           "figures are what we got, CPU-time figures are per core of our own processes)")  # fmt: skip
+    print(f"tiles written to {args.out}: create+write+rename {create_out:.3f} ms per file "
+          f"(system temp dir: {create_tmp:.3f} ms)")  # fmt: skip
     print(f"{'':52s} {'tiles/s (wall)':>15s} {'tiles/CPU-s':>12s}")
     print(f"{'(a)  limit: Pillow decode + encode, 1 core':52s} {a_wall:15.1f} {a_cpu:12.1f}"
           f"   (decode {best['a_dec'].cpu / m * 1e3:.2f} + encode {best['a_enc'].cpu / m * 1e3:.2f} ms CPU)")  # fmt: skip

@@ -74,61 +74,74 @@ class TileStats:
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def _band_sums(flat: np.ndarray, grid: int, band_h: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per horizontal band of pieces, the column sums of x and x² of a ``(h, w*3)`` uint8 tile.
+def _stats_kernel(flat: np.ndarray, grid: int, band_h: int, piece_w: int) -> np.ndarray:
+    """One pass over a ``(h, w*3)`` uint8 tile -> [min piece variance (pooled over channels),
+    var r, var g, var b, mean r, mean g, mean b] (population statistics).
 
-    int32 is exact while band_h × 255² < 2³¹ (pieces up to ~33,000 px high); the inner loop is
-    contiguous and vectorises, so a 448² tile takes ~0.05 ms instead of ~0.3 ms in numpy.
+    Column sums of x and x² per horizontal band of pieces in int32 (exact while band_h × 255²
+    < 2³¹; the inner loop is contiguous and vectorises), then integer piece and channel sums:
+    n·Σx² − (Σx)² is exact in int64, so no rounding before the final division.
     """
     h, n = flat.shape
-    s1 = np.zeros((grid, n), np.int32)
-    s2 = np.zeros((grid, n), np.int32)
-    for y in range(h):
-        g = y // band_h
-        row = flat[y]
-        a1 = s1[g]
-        a2 = s2[g]
+    c1 = np.zeros(n, np.int32)
+    c2 = np.zeros(n, np.int32)
+    p1 = np.zeros((grid, grid, 3), np.int64)
+    p2 = np.zeros((grid, grid, 3), np.int64)
+    for gy in range(grid):
+        c1[:] = 0
+        c2[:] = 0
+        for y in range(gy * band_h, (gy + 1) * band_h):
+            row = flat[y]
+            for k in range(n):
+                v = np.int32(row[k])
+                c1[k] += v
+                c2[k] += v * v
         for k in range(n):
-            v = np.int32(row[k])
-            a1[k] += v
-            a2[k] += v * v
-    return s1, s2
+            px = k // 3
+            p1[gy, px // piece_w, k - 3 * px] += c1[k]
+            p2[gy, px // piece_w, k - 3 * px] += c2[k]
+    n_piece = band_h * piece_w
+    out = np.empty(7, np.float64)
+    best = np.inf
+    for gy in range(grid):
+        for gx in range(grid):
+            v = 0.0
+            for ch in range(3):
+                s1 = p1[gy, gx, ch]
+                v += float(n_piece * p2[gy, gx, ch] - s1 * s1)
+            best = min(best, v / (3.0 * n_piece * n_piece))
+    out[0] = best
+    n_all = h * (n // 3)
+    for ch in range(3):
+        s1 = p1[:, :, ch].sum()
+        s2 = p2[:, :, ch].sum()
+        out[1 + ch] = float(n_all * s2 - s1 * s1) / (float(n_all) * n_all)
+        out[4 + ch] = s1 / n_all
+    return out
 
 
 def tile_stats(tile: np.ndarray, grid: int = 4) -> TileStats:
     """Half-empty and dirt statistics of one RGB uint8 tile, from one pass of exact sums.
 
     Piece std: the pixel std within a piece, pooled over the 3 channels (root of the mean of
-    the per-channel variances), so it measures texture, not colour. Channel std: per channel
-    over the whole tile. Integer sums (no rounding error before the final division).
+    the per-channel variances), so it measures texture, not colour: a flat *coloured* piece
+    (ink) is flat too. Channel std: per channel over the whole tile. ~0.06 ms for 448 x 448.
     """
     if tile.ndim != 3 or tile.shape[2] != 3 or tile.dtype != np.uint8:
         raise ValueError(f"tile must be an (h, w, 3) uint8 array, got {tile.shape} {tile.dtype}")
     h, w, c = tile.shape
     if h % grid or w % grid:
         raise ValueError(f"tile {w}x{h} is not divisible into a {grid}x{grid} grid")
-    ph, pw = h // grid, w // grid
-    b1, b2 = _band_sums(np.ascontiguousarray(tile).reshape(h, w * c), grid, ph)
-    s1 = b1.reshape(grid, grid, pw, c).sum(axis=2, dtype=np.int64)  # (gy, gx, channel)
-    s2 = b2.reshape(grid, grid, pw, c).sum(axis=2, dtype=np.int64)
-    n_piece = ph * pw
-    # Per piece and channel; pooled over channels so that a flat *coloured* piece (ink) is flat
-    # too: the differences between channel means are colour, not texture. n·Σx² − (Σx)² is an
-    # exact integer (int64 holds it for pieces up to ~10⁷ px).
-    piece_var = ((n_piece * s2 - s1 * s1) / float(n_piece) ** 2).mean(axis=-1)
-    n_chan = h * w
-    cs1, cs2 = s1.sum(axis=(0, 1)), s2.sum(axis=(0, 1))
-    chan_var = (n_chan * cs2.astype(np.float64) - cs1.astype(np.float64) ** 2) / float(n_chan) ** 2
-    chan_std = np.sqrt(np.maximum(chan_var, 0.0))
-    mean = cs1 / n_chan
+    r = _stats_kernel(np.ascontiguousarray(tile).reshape(h, w * c), grid, h // grid, w // grid)
+    sd = np.sqrt(np.maximum(r[:4], 0.0))
     return TileStats(
-        min_piece_std=float(np.sqrt(max(float(piece_var.min()), 0.0))),
-        std_r=float(chan_std[0]),
-        std_g=float(chan_std[1]),
-        std_b=float(chan_std[2]),
-        mean_r=float(mean[0]),
-        mean_g=float(mean[1]),
-        mean_b=float(mean[2]),
+        min_piece_std=float(sd[0]),
+        std_r=float(sd[1]),
+        std_g=float(sd[2]),
+        std_b=float(sd[3]),
+        mean_r=float(r[4]),
+        mean_g=float(r[5]),
+        mean_b=float(r[6]),
     )
 
 

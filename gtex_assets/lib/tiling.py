@@ -657,8 +657,9 @@ def run_block(task: BlockTask) -> list[dict]:
     y1 = max(y for _, y, _ in task.tiles) + t
     region = reader.read_region(x0, y0, x1 - x0, y1 - y0, rects)
     rows = []
+    tiles_dir = os.fspath(task.tiles_dir)  # once per block, not per tile
     for x, y, frac in task.tiles:
-        path = os.path.join(task.tiles_dir, tile_file_name(x, y))
+        path = os.path.join(tiles_dir, tile_file_name(x, y))
         row = {"x": x, "y": y, "tissue_fraction": frac, "path": path}
         bad = region.bad_reason(x, y, t, t)
         if bad is None:
