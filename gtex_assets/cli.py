@@ -174,6 +174,7 @@ _SUMMARY = [
         "slide embeddings (models)",
         "SELECT count(*) || ' (' || count(DISTINCT model_id) || ')' FROM slide_embeddings",
     ),
+    ("gene_r2 model (most R2 explained)", "SELECT any_value(model_id) FROM gene_r2"),
     (
         "top genes by R2",
         "SELECT string_agg(symbol || ' ' || round(r2, 2), ', ') FROM (SELECT * FROM gene_r2 ORDER BY r2 DESC LIMIT 5)",
@@ -197,6 +198,19 @@ def _print_planted_recall(con, truth: Path) -> None:
         return  # gene_r2 not in this run's selection
     if k:
         print(f"  {'planted genes in R2 top K':<34} {hits} of K={k} (recall {hits / k:.2f})")
+    try:  # every model on the same folds (gene_r2 model: best)
+        rows = con.execute(
+            "WITH planted AS (SELECT gene_id FROM read_csv(?)) "
+            "SELECT model_id, count(*) FILTER (WHERE gene IN (SELECT gene_id FROM planted) "
+            "AND rank <= (SELECT count(*) FROM planted WHERE gene_id IN (SELECT gene FROM gene_r2))) "
+            "FROM gene_r2_by_model GROUP BY 1 ORDER BY 1",
+            [str(truth)],
+        ).fetchall()
+    except Exception:
+        return
+    if k and len(rows) > 1:
+        per = ", ".join(f"{m} {h / k:.2f}" for m, h in rows)
+        print(f"  {'  recall per model':<34} {per}")
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ FAST = {
         "tissue_classifier": {
             "config": {
                 "backbone": "efficientnet_lite0", "weights": "package", "input_size": 64,
-                "epochs": 2, "batch_size": 16, "lr": 0.001, "checkpoint_epochs": [1, 2],
+                "epochs": 5, "batch_size": 16, "lr": 0.001, "checkpoint_epochs": [1, 5],
             }
         },
         "embedding_views": {"config": {"methods": ["tsne"], "max_iter": 250}},

@@ -210,7 +210,7 @@ def test_analysis_assets_end_to_end(analysis_root):
     # model: best -- every model on the same folds; the fine-tuned E5 predicts best
     assert (g["model_id"] == E5).all()
     gm = pd.read_parquet(tables / "gene_r2_models.parquet").set_index("model_id")
-    assert set(gm.index) == {OTS, E1, E5} and gm["primary"].sum() == 1 and gm.loc[E5, "primary"]
+    assert set(gm.index) == {OTS, E1, E5} and gm["reported"].sum() == 1 and gm.loc[E5, "reported"]
     assert gm.loc[E5, "sum_positive_r2"] == gm["sum_positive_r2"].max()
     assert gm.loc[E5, "planted_recall_at_k"] == 1.0 > gm.loc[OTS, "planted_recall_at_k"]
     assert len(pd.read_parquet(tables / "gene_r2_by_model.parquet")) == 3 * N_GENES
@@ -310,6 +310,24 @@ def test_gene_r2_selected_model_and_tissues_with_too_few_donors(analysis_root):
     assert set(pd.read_parquet(tables / "gene_r2_by_model.parquet")["model_id"]) == {E5}
     folds = pd.read_parquet(tables / "gene_r2_folds.parquet")
     assert rare not in set(folds["tissue"]) and (folds["model_id"] == E5).all()
+
+
+def test_gene_r2_non_linear_kernel(analysis_root):
+    root, mirror = analysis_root
+    result = dg.materialize(
+        [gene_r2],
+        resources={
+            "lake": DataLakeResource(root=str(root)),
+            "gtex_source": GTExSourceResource(source=str(mirror)),
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"gene_r2": {"config": {"model": "selected", "kernel": "rbf"}}}},
+    )
+    assert result.success
+    m = _meta(result, "gene_r2")
+    assert m["kernel"] == "rbf" and m["planted_recall_at_k"] >= 0.8
+    g = pd.read_parquet(Lake.at(root).root / "tables" / "gene_r2.parquet")
+    assert g.set_index("gene").loc[LINKED, "r2"].min() > 0.2
 
 
 CLUSTER_RUN = {

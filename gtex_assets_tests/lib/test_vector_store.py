@@ -154,7 +154,6 @@ def test_writer_lock_nests_within_a_store(tmp_path):
     with store.writer(), store.writer():  # a nested writer must not wait for itself
         pass
     other = V.VectorStore(tmp_path / "db", lock_timeout_s=0.2)
-    with store.writer():
-        with pytest.raises(TimeoutError):  # but another store (writer) waits
-            with other.writer():
-                pass
+    # but another store (another writer) waits for the lock
+    with store.writer(), pytest.raises(TimeoutError), other.writer():
+        pass

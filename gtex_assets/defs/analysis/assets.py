@@ -488,6 +488,10 @@ class GeneR2Config(dg.Config):
         "most held-out variance (sum over genes of max(R², 0)) is reported (all in gene_r2_by_model); 'selected': "
         "the classifier's selected checkpoint only; or a model_id",
     )
+    kernel: str = Field(
+        default="linear",
+        description="'linear' (ridge) or 'rbf' (kernel ridge: a non-linear model, same CV)",
+    )
     top_n: int = Field(default=30, description="Top genes shown in the metadata")
     random_state: int = Field(default=0, description="Seed of the donor folds")
 
@@ -555,6 +559,7 @@ def gene_r2(
             res = ridge_gene_r2(
                 X, Y, groups, alphas=config.alphas, folds=fc["folds"], inner_folds=inner,
                 strata=strata, random_state=config.random_state, return_oof=False,
+                kernel=config.kernel,
             )  # fmt: skip
             t = res.table(gene_ids, symbols)
             t["r2_baseline"] = t["gene"].map(dict(zip(gene_ids, base, strict=True)))
@@ -589,7 +594,7 @@ def gene_r2(
         how = f"most held-out variance explained (Σ max(R², 0)) of {len(tables)} models"
     else:
         primary = sel
-    summary["primary"] = summary["model_id"] == primary
+    summary["reported"] = summary["model_id"] == primary  # the model of gene_r2.parquet
     table = tables[primary]
     out = write_parquet(table, lk.table(GENE_R2_TABLE))
     write_parquet(pd.concat(tables.values(), ignore_index=True), lk.table(GENE_R2_BY_MODEL_TABLE))
@@ -629,6 +634,7 @@ def gene_r2(
             ),
             "models": dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".4f")),
             "model_id": dg.MetadataValue.text(f"{primary} ({how})"),
+            "kernel": dg.MetadataValue.text(config.kernel),
             "features": dg.MetadataValue.text(
                 f"{config.features} ({_features(feats[primary], config.features, config.n_pcs, config.random_state).shape[1]} columns)"
             ),
@@ -707,7 +713,11 @@ def cluster_transcriptome(
     sel = str(folds["model_id"].iloc[0])
     meta, vec = _read_slides(lk)
     X_expr, genes, samples = _expression(lk)
-    F, Y, pm = _paired(_model_slides(meta, vec, sel), X_expr, samples)
+    F_all, Y_all, pm_all = _paired(_model_slides(meta, vec, sel), X_expr, samples)
+    # held-out evaluation on gene_r2's slides and folds (it may have left out rare tissues);
+    # the served predictor below uses every paired slide
+    ev_rows = pm_all["tissue_sample_id"].isin(set(folds["tissue_sample_id"])).to_numpy()
+    F, Y, pm = F_all[ev_rows], Y_all[ev_rows], pm_all[ev_rows].reset_index(drop=True)
     f = pm[["tissue_sample_id"]].merge(folds, on="tissue_sample_id", how="left")
     if f["fold"].isna().any() or len(f) != len(folds):
         raise dg.Failure(
@@ -747,6 +757,7 @@ def cluster_transcriptome(
     )  # fmt: skip
 
     # (2) the served predictor: every paired slide of the model
+    F, Y, pm = F_all, Y_all, pm_all
     final = CP.fit_cluster_predictor(
         F, Y, config.n_clusters, random_state=config.random_state, **fit_kw
     )
@@ -861,9 +872,15 @@ def feature_comparison(
     if keep.sum() < len(pos):
         context.log.warning(f"{int((~keep).sum())} slide(s) have no {ots} embedding: left out")
     Fa, Fb, Y, pm = a.vectors[pos[keep]], Fb[keep], Y[keep], pm[keep].reset_index(drop=True)
+    dropped: list[str] = []
+    if config.tissue_strata:
+        pm, dropped, (Fa, Fb, Y) = _drop_small_tissues(context, pm, Fa, Fb, Y)
     groups = pm["subject_id"].astype(str).to_numpy()
-    fc = _fold_counts(groups, config.n_splits, config.inner_splits, config.random_state)
     tissue = pm["tissue"].astype(str).to_numpy()
+    fc = _fold_counts(
+        groups, config.n_splits, config.inner_splits, config.random_state,
+        tissue if config.tissue_strata else None,
+    )  # fmt: skip
     res = compare_features(
         Fa,
         Fb,
@@ -893,6 +910,7 @@ def feature_comparison(
         "accuracy_path": dg.MetadataValue.path(str(out_a)),
         "summary": dg.MetadataValue.md(res.summary_markdown()),
         "off_the_shelf": dg.MetadataValue.text(ots),
+        "tissues_left_out": dg.MetadataValue.text(", ".join(dropped) or "none"),
         "fine_tuned": dg.MetadataValue.text(sel),
         "samples": dg.MetadataValue.int(len(pm)),
         "n_splits": dg.MetadataValue.int(fc["n_splits"]),
