@@ -252,18 +252,20 @@ def test_analysis_assets_end_to_end(analysis_root):
     assert E5 in mf["summary"] and "Wilcoxon" in mf["summary"]
 
 
-def test_gene_r2_lowers_folds_for_few_donors(analysis_root):
-    root, mirror = analysis_root
+def _keep_slides(root, keep) -> pd.DataFrame:
+    """Rewrite slide_embeddings with the rows for which ``keep(table)`` is True."""
     lk = Lake.at(root)
-    # keep 4 donors only: 4 outer folds, 3 training donors → 3 inner folds
     tbl = pq.read_table(lk.table("slide_embeddings")).to_pandas()
-    keep = sorted(tbl["subject_id"].unique())[:4]
-    small = tbl[tbl["subject_id"].isin(keep)].reset_index(drop=True)
+    small = tbl[keep(tbl)].reset_index(drop=True)
     vec = np.vstack(small[V.VECTOR].to_numpy())
     write_parquet(
         V.table_from_frame(small.drop(columns=[V.VECTOR]), vec, V.slide_schema(DIM)),
         lk.table("slide_embeddings"),
     )
+    return small
+
+
+def _run_gene_r2(root, mirror, config: dict | None = None):
     result = dg.materialize(
         [gene_r2],
         resources={
@@ -271,42 +273,36 @@ def test_gene_r2_lowers_folds_for_few_donors(analysis_root):
             "gtex_source": GTExSourceResource(source=str(mirror)),
         },
         instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"gene_r2": {"config": config or {}}}},
     )
     assert result.success
-    m = _meta(result, "gene_r2")
+    return _meta(result, "gene_r2")
+
+
+def test_gene_r2_lowers_folds_for_few_donors(analysis_root):
+    root, mirror = analysis_root
+    # keep 4 donors only: 4 outer folds, 3 training donors → 3 inner folds
+    _keep_slides(root, lambda t: t["subject_id"].isin(sorted(t["subject_id"].unique())[:4]))
+    m = _run_gene_r2(root, mirror)
     assert m["n_splits"] == 4 and m["inner_splits"] == 3 and m["folds_lowered"] is True
     assert m["samples"] == 12
 
 
 def test_gene_r2_selected_model_and_tissues_with_too_few_donors(analysis_root):
     root, mirror = analysis_root
-    lk = Lake.at(root)
     # one tissue keeps 2 donors: it cannot have a training donor in every split -> left out
-    tbl = pq.read_table(lk.table("slide_embeddings")).to_pandas()
     rare = TISSUES[0]
-    donors = sorted(tbl["subject_id"].unique())
-    drop = (tbl["tissue"] == rare) & ~tbl["subject_id"].isin(donors[:2])
-    small = tbl[~drop].reset_index(drop=True)
-    vec = np.vstack(small[V.VECTOR].to_numpy())
-    write_parquet(
-        V.table_from_frame(small.drop(columns=[V.VECTOR]), vec, V.slide_schema(DIM)),
-        lk.table("slide_embeddings"),
-    )
-    result = dg.materialize(
-        [gene_r2],
-        resources={
-            "lake": DataLakeResource(root=str(root)),
-            "gtex_source": GTExSourceResource(source=str(mirror)),
-        },
-        instance=dg.DagsterInstance.ephemeral(),
-        run_config={"ops": {"gene_r2": {"config": {"model": "selected"}}}},
-    )
-    assert result.success
-    m = _meta(result, "gene_r2")
+
+    def keep(t: pd.DataFrame) -> pd.Series:
+        two = sorted(t["subject_id"].unique())[:2]
+        return ~((t["tissue"] == rare) & ~t["subject_id"].isin(two))
+
+    small = _keep_slides(root, keep)
+    m = _run_gene_r2(root, mirror, {"model": "selected"})
     assert m["tissues_left_out"] == rare
     assert m["samples"] == len(small[small["model_id"] == E5]) - 2
     assert "selected checkpoint" in m["model_id"]
-    tables = lk.root / "tables"
+    tables = Lake.at(root).root / "tables"
     assert set(pd.read_parquet(tables / "gene_r2_by_model.parquet")["model_id"]) == {E5}
     folds = pd.read_parquet(tables / "gene_r2_folds.parquet")
     assert rare not in set(folds["tissue"]) and (folds["model_id"] == E5).all()
@@ -314,17 +310,7 @@ def test_gene_r2_selected_model_and_tissues_with_too_few_donors(analysis_root):
 
 def test_gene_r2_non_linear_kernel(analysis_root):
     root, mirror = analysis_root
-    result = dg.materialize(
-        [gene_r2],
-        resources={
-            "lake": DataLakeResource(root=str(root)),
-            "gtex_source": GTExSourceResource(source=str(mirror)),
-        },
-        instance=dg.DagsterInstance.ephemeral(),
-        run_config={"ops": {"gene_r2": {"config": {"model": "selected", "kernel": "rbf"}}}},
-    )
-    assert result.success
-    m = _meta(result, "gene_r2")
+    m = _run_gene_r2(root, mirror, {"model": "selected", "kernel": "rbf"})
     assert m["kernel"] == "rbf" and m["planted_recall_at_k"] >= 0.8
     g = pd.read_parquet(Lake.at(root).root / "tables" / "gene_r2.parquet")
     assert g.set_index("gene").loc[LINKED, "r2"].min() > 0.2
