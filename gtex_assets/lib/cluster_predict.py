@@ -525,27 +525,29 @@ def fit_fingerprint(model: ClusterPredictor, params: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Projection:
-    """Raw slide embedding → clustering space (the PCA of the fit, or identity)."""
+    """Raw slide embedding → clustering space: the fit's PCA (without its scores), or identity."""
 
-    mean: np.ndarray | None
-    scale: np.ndarray | None
-    components: np.ndarray | None  # components × features
+    pca: PCAResult | None
     card: dict[str, Any]
 
     @property
+    def components(self) -> np.ndarray | None:
+        return None if self.pca is None else self.pca.components
+
+    @property
     def dim_in(self) -> int | None:
-        return None if self.components is None else int(self.components.shape[1])
+        return None if self.pca is None else int(self.pca.components.shape[1])
 
     def transform(self, E: np.ndarray) -> np.ndarray:
         E = np.atleast_2d(np.asarray(E, dtype=np.float64))
-        if self.components is None:
+        if self.pca is None:
             return E
-        if E.shape[1] != self.components.shape[1]:
+        if E.shape[1] != self.dim_in:
             raise ValueError(
                 f"embedding has {E.shape[1]} features, the projection expects "
-                f"{self.components.shape[1]} (model {self.card.get('model_id')})"
+                f"{self.dim_in} (model {self.card.get('model_id')})"
             )
-        return ((E - self.mean) / self.scale) @ self.components.T
+        return self.pca.transform(E)
 
 
 def save_projection(model: ClusterPredictor, dest: str | Path, card: dict[str, Any]) -> Path:
@@ -568,8 +570,12 @@ def load_projection(path: str | Path) -> Projection:
     with np.load(Path(path), allow_pickle=False) as z:
         card = json.loads(str(z["card"]))
         if "components" not in z.files:
-            return Projection(None, None, None, card)
-        return Projection(z["mean"], z["scale"], z["components"], card)
+            return Projection(None, card)
+        k = z["components"].shape[0]
+        pca = PCAResult(
+            np.empty((0, k)), z["components"], z["explained_variance_ratio"], z["mean"], z["scale"]
+        )
+        return Projection(pca, card)
 
 
 def projection_path(models_dir: str | Path, model_id: str) -> Path:

@@ -376,6 +376,11 @@ def onnxruntime_available() -> bool:
     return True
 
 
+def _same_features(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding (BN folding, another engine): every row's cosine > 0.99999."""
+    return float(_cosine_rows(a, b).min()) > 0.99999
+
+
 def _cosine_rows(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -426,16 +431,19 @@ class TileEmbedder:
             torch.set_flush_denormal(True)
         self._fmt = torch.channels_last if options.channels_last else torch.contiguous_format
         feats = feature_module(model.eval()).to(self.device)
+        ref = self._probe(feats)  # the unfolded model's features on a fixed random batch
         if options.fold_bn:
             folded, n = fold_batchnorm(feats)
-            if n and self._same_output(feats, folded):
+            if n and _same_features(ref, self._probe(folded)):
                 feats, self.report.bn_folded = folded, n
+            elif n:
+                log.warning("BatchNorm folding changed the features; using the unfolded model")
         self.module = feats.to(self.device, memory_format=self._fmt).eval()
-        self.dim = int(self._probe(self.module).shape[1])
+        self.dim = int(ref.shape[1])
         self._precision: str | None = None  # auto/bf16: decided on the first batch
         self._ort: OrtFeatures | None = None
         if self._wants_ort(options):
-            self._ort = self._make_ort(feats)
+            self._ort = self._make_ort(feats, ref)
         if self._ort is not None:
             self._precision = "fp32"
             self.report.precision, self.report.engine = "fp32", "onnxruntime"
@@ -458,36 +466,31 @@ class TileEmbedder:
             return True
         return options.precision != "bf16" and onnxruntime_available()
 
-    def _make_ort(self, feats: nn.Module) -> OrtFeatures | None:
-        """ONNX Runtime copy of ``feats``, kept only if it gives the same features."""
+    def _make_ort(self, feats: nn.Module, ref: np.ndarray) -> OrtFeatures | None:
+        """ONNX Runtime copy of ``feats``, kept only if it gives the reference features."""
+        forced = self.options.engine == "onnxruntime"
         try:
             ort_feats = OrtFeatures(feats, self.input_size)
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(2, 3, self.input_size, self.input_size, generator=g)
-            same = float(_cosine_rows(self._probe(self.module), ort_feats(x)).min()) > 0.99999
+            same = _same_features(ref, self._probe(ort_feats))
         except Exception as e:  # an op the exporter does not know, a runtime error
-            if self.options.engine == "onnxruntime":
+            if forced:
                 raise
             log.warning("ONNX Runtime unavailable for this model (%s); using torch", e)
             return None
-        if not same:
-            if self.options.engine == "onnxruntime":
-                raise RuntimeError("ONNX Runtime features differ from torch's for this model")
-            log.warning("ONNX Runtime changed the features; using torch")
-            return None
-        return ort_feats
+        if same:
+            return ort_feats
+        if forced:
+            raise RuntimeError("ONNX Runtime features differ from torch's for this model")
+        log.warning("ONNX Runtime changed the features; using torch")
+        return None
 
-    def _probe(self, module: nn.Module) -> torch.Tensor:
+    def _probe(self, run) -> np.ndarray:
+        """``run`` (a module or :class:`OrtFeatures`) on a fixed random batch of two images."""
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2, 3, self.input_size, self.input_size, generator=g)
         with torch.inference_mode():
-            return module(x.to(self.device)).float().cpu()
-
-    def _same_output(self, a: nn.Module, b: nn.Module) -> bool:
-        ok = float(_cosine_rows(self._probe(a), self._probe(b)).min()) > 0.99999
-        if not ok:
-            log.warning("BatchNorm folding changed the features; using the unfolded model")
-        return ok
+            out = run(x.to(self.device))
+        return out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
 
     def _forward(self, x: torch.Tensor, precision: str) -> torch.Tensor:
         if precision == "bf16":

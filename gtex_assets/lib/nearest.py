@@ -518,7 +518,7 @@ def _cluster_model(lk: Lake, store: VectorStore, model_id: str | None) -> tuple[
         raise NearestError(
             f"model {model_id!r} has no clusters (cluster_transcriptome was fitted for: "
             f"{', '.join(sorted(fitted))}); to add it, materialise gene_r2 with "
-            f"selected_model_id={model_id!r}, then `cluster_transcriptome`"
+            f"model={model_id!r} in its config, then `cluster_transcriptome`"
         )
     return model_id, fitted[model_id]
 

@@ -646,7 +646,10 @@ def ridge_gene_r2(
 
 
 def baseline_r2(
-    Y: np.ndarray, folds: np.ndarray, strata: Sequence | np.ndarray | None = None
+    Y: np.ndarray,
+    groups: Sequence | np.ndarray,
+    folds: np.ndarray,
+    strata: Sequence | np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-gene held-out R² of the no-image predictor (the training folds' tissue means, or the
     overall mean without strata) under the same folds: the score of a gene with no image signal.
@@ -657,11 +660,9 @@ def baseline_r2(
     for f in np.unique(folds):
         tr, te = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
         if st is not None:
-            _check_strata_seen(st, np.asarray(folds), tr, te, int(f), None)
-        _, off = _center_fit(
-            Y[tr], None if st is None else st[tr], None if st is None else st[te], len(te)
-        )
-        oof[te] = off
+            _check_strata_seen(st, np.asarray(groups), tr, te, int(f), None)
+        s_tr, s_te = (None, None) if st is None else (st[tr], st[te])
+        oof[te] = _center_fit(Y[tr], s_tr, s_te, len(te))[1]
     return r2_pearson(Y, oof, st)[0]
 
 

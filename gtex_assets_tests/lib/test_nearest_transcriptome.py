@@ -72,7 +72,7 @@ def test_stored_sample_gets_its_clusters_mean_transcriptome(clustered):
 
 
 def test_clear_errors_without_clusters_or_for_a_model_without_them(clustered, tmp_path):
-    with pytest.raises(NearestError, match="has no clusters.*selected_model_id='run1-e01'"):
+    with pytest.raises(NearestError, match="has no clusters.*model='run1-e01'"):
         predict_transcriptome(SID, model_id=fx.E1, data_root=clustered)
     root, mirror = tmp_path / "data", tmp_path / "mirror"
     fx._write_inputs(root, mirror)

@@ -376,7 +376,7 @@ def test_baseline_r2_is_the_training_tissue_mean_predictor():
     st = np.tile(["a", "b"], 12)
     Y = rng.normal(size=(24, 3)) + (st == "a")[:, None] * 5.0
     folds = donor_folds(groups, 4, 0, st)
-    got = baseline_r2(Y, folds, st)
+    got = baseline_r2(Y, groups, folds, st)
     oof = np.empty_like(Y)
     for f in range(4):
         tr, te = folds != f, folds == f

@@ -138,14 +138,16 @@ def _pick_models(
     return ots_id, ots_id, "off-the-shelf (no fine-tuned checkpoint embedded)"
 
 
-def _kind_of(models: pd.DataFrame, model_id: str) -> str:
-    k = models.loc[models["model_id"] == model_id, "kind"] if "kind" in models else pd.Series()
-    return str(k.iloc[0]) if len(k) and pd.notna(k.iloc[0]) else ""
+def _model_attr(models: pd.DataFrame, model_id: str, column: str, default=None):
+    """One column of ``models`` for ``model_id`` (``default`` when absent or missing)."""
+    v = models.loc[models["model_id"] == model_id, column] if column in models else pd.Series()
+    return v.iloc[0] if len(v) and pd.notna(v.iloc[0]) else default
 
 
-def _epoch_of(models: pd.DataFrame, model_id: str) -> float:
-    e = models.loc[models["model_id"] == model_id, "epoch"] if "epoch" in models else pd.Series()
-    return float(e.iloc[0]) if len(e) and pd.notna(e.iloc[0]) else np.nan
+def _aligned(slides: Slides, sample_ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors of ``slides`` in the order of ``sample_ids``, mask of the ids it has)."""
+    pos = pd.Index(slides.meta["tissue_sample_id"].astype(str)).get_indexer(sample_ids.astype(str))
+    return slides.vectors[pos[pos >= 0]], pos >= 0
 
 
 def _model_slides(meta: pd.DataFrame, vec: np.ndarray, model_id: str) -> Slides:
@@ -513,8 +515,8 @@ def gene_r2(
     alpha, rank, r2_baseline = the no-image predictor's R², model_id) for the reported model;
     with `model: best` every embedded model is fitted on the same folds
     (`tables/gene_r2_by_model.parquet`, summary `tables/gene_r2_models.parquet`) and the one
-    explaining the most held-out variance (Σ over genes of max(R², 0)) is reported. Donor folds: `tables/gene_r2_folds.parquet`
-    (reused by cluster_transcriptome)."""
+    explaining the most held-out variance (Σ over genes of max(R², 0)) is reported. Donor
+    folds: `tables/gene_r2_folds.parquet` (reused by cluster_transcriptome)."""
     lk = lake.lake()
     t0 = time.perf_counter()
     meta, vec = _read_slides(lk)
@@ -527,14 +529,11 @@ def gene_r2(
     feats = {sel: F}
     if config.model == "best":
         for m in sorted(set(models["model_id"]) - {sel}):
-            ms = _model_slides(meta, vec, m)
-            pos = pd.Index(ms.meta["tissue_sample_id"].astype(str)).get_indexer(
-                pm["tissue_sample_id"].astype(str)
-            )
-            if (pos < 0).any():
-                context.log.warning(f"{m}: {int((pos < 0).sum())} slide(s) not embedded, skipped")
+            vecs, has = _aligned(_model_slides(meta, vec, m), pm["tissue_sample_id"])
+            if not has.all():
+                context.log.warning(f"{m}: {int((~has).sum())} slide(s) not embedded, skipped")
                 continue
-            feats[m] = ms.vectors[pos]
+            feats[m] = vecs
     dropped: list[str] = []
     if config.tissue_strata:
         ids = list(feats)
@@ -552,17 +551,20 @@ def gene_r2(
     gene_ids = genes["gene_id"].astype(str).tolist()
     symbols = genes["symbol"].astype(str).tolist()
     try:
-        base = baseline_r2(Y, fc["folds"], strata)
+        base = baseline_r2(Y, groups, fc["folds"], strata)
+        base_of = dict(zip(gene_ids, base, strict=True))
         tables: dict[str, pd.DataFrame] = {}
+        width: dict[str, int] = {}  # feature columns per model
         for m, Fm in feats.items():
             X = _features(Fm, config.features, config.n_pcs, config.random_state)
+            width[m] = X.shape[1]
             res = ridge_gene_r2(
                 X, Y, groups, alphas=config.alphas, folds=fc["folds"], inner_folds=inner,
                 strata=strata, random_state=config.random_state, return_oof=False,
                 kernel=config.kernel,
             )  # fmt: skip
             t = res.table(gene_ids, symbols)
-            t["r2_baseline"] = t["gene"].map(dict(zip(gene_ids, base, strict=True)))
+            t["r2_baseline"] = t["gene"].map(base_of)
             tables[m] = t.assign(model_id=m)
     except ValueError as e:  # e.g. a tissue missing from a training fold: say what to change
         raise dg.Failure(description=f"gene_r2: {e}") from e
@@ -575,8 +577,8 @@ def gene_r2(
         [
             {
                 "model_id": m,
-                "kind": _kind_of(models, m),
-                "epoch": _epoch_of(models, m),
+                "kind": str(_model_attr(models, m, "kind", "")),
+                "epoch": float(_model_attr(models, m, "epoch", np.nan)),
                 "mean_r2": float(np.nanmean(t["r2"])),
                 "sum_positive_r2": float(np.nansum(np.clip(t["r2"], 0, None))),
                 "median_r2": float(np.nanmedian(t["r2"])),
@@ -635,9 +637,7 @@ def gene_r2(
             "models": dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".4f")),
             "model_id": dg.MetadataValue.text(f"{primary} ({how})"),
             "kernel": dg.MetadataValue.text(config.kernel),
-            "features": dg.MetadataValue.text(
-                f"{config.features} ({_features(feats[primary], config.features, config.n_pcs, config.random_state).shape[1]} columns)"
-            ),
+            "features": dg.MetadataValue.text(f"{config.features} ({width[primary]} columns)"),
             "samples": dg.MetadataValue.int(len(pm)),
             "donors": dg.MetadataValue.int(fc["n_donors"]),
             "tissues_left_out": dg.MetadataValue.text(", ".join(dropped) or "none"),
@@ -866,12 +866,10 @@ def feature_comparison(
         )
     X_expr, genes, samples = _expression(lk)
     Fb, Y, pm = _paired(_model_slides(meta, vec, sel), X_expr, samples)
-    a = _model_slides(meta, vec, ots)
-    pos = pd.Index(a.meta["tissue_sample_id"].astype(str)).get_indexer(pm["tissue_sample_id"])
-    keep = pos >= 0
-    if keep.sum() < len(pos):
+    Fa, keep = _aligned(_model_slides(meta, vec, ots), pm["tissue_sample_id"])
+    if not keep.all():
         context.log.warning(f"{int((~keep).sum())} slide(s) have no {ots} embedding: left out")
-    Fa, Fb, Y, pm = a.vectors[pos[keep]], Fb[keep], Y[keep], pm[keep].reset_index(drop=True)
+    Fb, Y, pm = Fb[keep], Y[keep], pm[keep].reset_index(drop=True)
     dropped: list[str] = []
     if config.tissue_strata:
         pm, dropped, (Fa, Fb, Y) = _drop_small_tissues(context, pm, Fa, Fb, Y)
