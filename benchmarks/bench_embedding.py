@@ -47,14 +47,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gtex_assets.lib import embedding as E  # noqa: E402
-from gtex_assets.lib import models as M  # noqa: E402
+from gtex_assets.lib.embeddings import embed as E  # noqa: E402
+from gtex_assets.lib.model import backbones as M  # noqa: E402
 
 
 def make_tiles(n: int, workdir: Path) -> list[str]:
     """``n`` tile JPEGs cut by the project's tiler from a generated synthetic mirror."""
     from gtex_assets.lib.synth import generate_mirror
-    from gtex_assets.lib.tiling import SlideJob, TilingParams, tile_slides
+    from gtex_assets.lib.tiles.tiling import SlideJob, TilingParams, tile_slides
 
     mirror = workdir / "mirror"
     per_slide = 80  # 4480 x 3584 px -> 10 x 8 tiles

@@ -6,7 +6,7 @@ own subprocess pinned to the same cores, measures:
 
 * ``pandas``: what users do - ``pd.read_csv(path, sep="\\t", skiprows=2)``, then numpy:
   log2(1+TPM), per-gene max and std, the two expression filters;
-* ``project``: ``gtex_assets.lib.expression.filter_gct`` (streaming parse + log + filters,
+* ``project``: ``gtex_assets.lib.expression.log_tpm.filter_gct`` (streaming parse + log + filters,
   including the name rules) and, unless ``--no-outputs``, writing every output
   (``.npy`` matrix, gene-major Parquet, tables) as the asset does.
 
@@ -280,8 +280,8 @@ def run_pandas(path: str) -> dict:
 
 
 def run_project(path: str, workers: int, outputs: bool) -> dict:
-    from gtex_assets.lib.expression import build_sample_table, filter_gct, write_outputs
-    from gtex_assets.lib.gct import DECOMPRESSOR
+    from gtex_assets.lib.expression.gct import DECOMPRESSOR
+    from gtex_assets.lib.expression.log_tpm import build_sample_table, filter_gct, write_outputs
 
     rss_imports = _vm_hwm_mb()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -323,7 +323,7 @@ def _duckdb_probe(root: Path, res) -> float:
     """Seconds for `this gene across tissues` through the catalog view SQL."""
     import duckdb
 
-    from gtex_assets.lib.expression import GENE_VIEW_SQL
+    from gtex_assets.lib.expression.log_tpm import GENE_VIEW_SQL
 
     con = duckdb.connect()
     for name in ("expression_matrix", "expression_samples"):

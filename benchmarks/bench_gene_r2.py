@@ -1,6 +1,6 @@
 """Benchmark: per-gene ridge R² (nested donor-grouped CV) — one multi-output solve vs sklearn.
 
-This project: ``gtex_assets.lib.regression.ridge_gene_r2`` on all genes (one SVD per fold, every
+This project: ``gtex_assets.lib.analysis.regression.ridge_gene_r2`` on all genes (one SVD per fold, every
 gene and every λ by matrix products). Baseline: the per-gene sklearn loop
 (``sklearn_per_gene_reference``: ``Ridge(alpha=λ)`` fitted per gene × outer fold × inner fold ×
 λ, then refitted with the chosen λ) on the *same* outer and inner folds and λ grid, timed on a
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from gtex_assets.lib.regression import (
+from gtex_assets.lib.analysis.regression import (
     DEFAULT_ALPHAS,
     inner_donor_folds,
     ridge_gene_r2,

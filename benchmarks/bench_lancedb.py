@@ -31,8 +31,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gtex_assets.lib import vector_store as vs  # noqa: E402
-from gtex_assets.lib.vector_store import VectorStore  # noqa: E402
+from gtex_assets.lib.embeddings import vector_store as vs  # noqa: E402
+from gtex_assets.lib.embeddings.vector_store import VectorStore  # noqa: E402
 
 
 def synth_vectors(

@@ -8,7 +8,7 @@ On the same machine, same tiles, same run:
     must at least do per tile: decode the slide's pixels, encode the tile);
 (b) a naive baseline, one process: slideio ``read_block`` per tile, ``PIL.Image.save``,
     float64 numpy std per 4 x 4 piece and per channel;
-(c) this project's tiler (``gtex_assets.lib.tiling.tile_slides``) with the filter statistics,
+(c) this project's tiler (``gtex_assets.lib.tiles.tiling.tile_slides``) with the filter statistics,
     end to end (mask, reads, stats, JPEG writes, index and status files), 1 and 2 workers
     (the 2-worker pool is started once outside the timing, as a run does once per batch of
     slides; its start-up time is printed separately).
@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gtex_assets.lib.tiling import SlideJob, TilingParams, start_pool, tile_slides  # noqa: E402
+from gtex_assets.lib.tiles.tiling import SlideJob, TilingParams, start_pool, tile_slides  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache"
 # Where the tiles are written while timing (--out). A directory under a file watcher (an IDE,
@@ -89,7 +89,7 @@ def make_mosaic(slides, grid: int, quality: int) -> list[tuple[str, str, Path]]:
     level 0 plus the same 4x/16x/64x levels. Cached."""
     import tifffile
 
-    from gtex_assets.lib.tiling import SlideReader, _TiffPageReader
+    from gtex_assets.lib.tiles.tiling import SlideReader, _TiffPageReader
 
     path = CACHE / f"mosaic_{grid}x{grid}_{Path(slides[0][2]).parent.parent.name}.svs"
     if path.is_file():
@@ -209,7 +209,7 @@ class Best:
 
 
 def _warm(_: int = 0) -> int:
-    import gtex_assets.lib.tiling  # noqa: F401  (imports numpy, tifffile, imagecodecs ...)
+    import gtex_assets.lib.tiles.tiling  # noqa: F401  (imports numpy, tifffile, imagecodecs ...)
 
     return os.getpid()
 
@@ -421,7 +421,7 @@ def main() -> None:
 
 
 def _read_tiles(coords) -> list[np.ndarray]:
-    from gtex_assets.lib.tiling import open_reader
+    from gtex_assets.lib.tiles.tiling import open_reader
 
     readers, tiles = {}, []
     for p, x, y in coords:

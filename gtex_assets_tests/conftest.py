@@ -48,7 +48,7 @@ def tiny_mirror(tmp_path_factory) -> Path:
 def mini_mirror(tmp_path, cmu_slide, portal_csv_sample):
     """12 portal rows (3 tissues x 4 samples): 11 real slides (copies of CMU), 1 truncated;
     RNA for every other sample. Returns (mirror dir, sample ids, RNA sample ids)."""
-    from gtex_assets.lib.sources import GENE_TPM_GCT, SAMPLE_ATTRIBUTES
+    from gtex_assets.lib.ingest.sources import GENE_TPM_GCT, SAMPLE_ATTRIBUTES
 
     m = tmp_path / "mirror"
     (m / "slides").mkdir(parents=True)

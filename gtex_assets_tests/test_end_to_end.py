@@ -6,7 +6,7 @@ import re
 import duckdb
 import pytest
 
-from gtex_assets.runner import REPO_ROOT, materialize_all
+from gtex_assets.cli.runner import REPO_ROOT, materialize_all
 
 FAST = {
     "ops": {

@@ -7,8 +7,8 @@ import os
 import dagster as dg
 from pydantic import Field
 
-from gtex_assets.lib.lake import DEFAULT_DATA_ROOT, Lake
-from gtex_assets.lib.sources import GTExSource
+from gtex_assets.core.lake import DEFAULT_DATA_ROOT, Lake
+from gtex_assets.lib.ingest.sources import GTExSource
 
 
 class DataLakeResource(dg.ConfigurableResource):

@@ -12,16 +12,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from gtex_assets.core.atomic import write_parquet
+from gtex_assets.core.lake import Lake
 from gtex_assets.defs.analysis.assets import (
     cluster_transcriptome,
     embedding_views,
     feature_comparison,
     gene_r2,
 )
-from gtex_assets.lib import vector_store as V
-from gtex_assets.lib.atomic import write_parquet
-from gtex_assets.lib.expression import ExpressionParams, ExpressionResult, write_outputs
-from gtex_assets.lib.lake import Lake
+from gtex_assets.lib.embeddings import vector_store as V
+from gtex_assets.lib.expression.log_tpm import ExpressionParams, ExpressionResult, write_outputs
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 TISSUES = ["Lung", "Liver", "Thyroid"]
@@ -341,8 +341,8 @@ def materialize_clusters(root, mirror, assets=None, run_config=None):
 
 
 def test_cluster_transcriptome_serves_lancedb_centroids_idempotently(analysis_root):
-    from gtex_assets.lib import cluster_predict as CP
-    from gtex_assets.lib.expression import load_log_tpm
+    from gtex_assets.lib.analysis import cluster_transcriptome as CP
+    from gtex_assets.lib.expression.log_tpm import load_log_tpm
 
     root, mirror = analysis_root
     result = materialize_clusters(root, mirror)

@@ -3,7 +3,7 @@ kinds, description); slide-level assets share the slide partitions and batch the
 
 import dagster as dg
 
-from gtex_assets.runner import load_definitions
+from gtex_assets.cli.runner import load_definitions
 
 DOMAINS = {"ingest", "tiles", "expression", "model", "embeddings", "analysis", "catalog"}
 

@@ -25,16 +25,16 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+from gtex_assets.core.atomic import write_parquet
+from gtex_assets.core.lake import Lake
 from gtex_assets.defs.embeddings.assets import (
     embeddings_store_matches_parquet,
     slide_embeddings,
     tile_embeddings,
 )
-from gtex_assets.lib import models as M
-from gtex_assets.lib import vector_store as V
-from gtex_assets.lib.atomic import write_parquet
-from gtex_assets.lib.catalog import build_catalog
-from gtex_assets.lib.lake import Lake
+from gtex_assets.lib.catalog.views import build_catalog
+from gtex_assets.lib.embeddings import vector_store as V
+from gtex_assets.lib.model import backbones as M
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 CKPT_MODEL_ID = "efficientnet_lite0-ft-e001-testrun"
@@ -43,7 +43,7 @@ OTS_MODEL_ID = "efficientnet_lite0-imagenet"
 
 def _tile_mirror(mirror: Path, lk: Lake) -> pd.DataFrame:
     """Tile every mirror slide with the project's tiler; the 'balanced sample' is every tile."""
-    from gtex_assets.lib.tiling import SlideJob, TilingParams, tile_slides
+    from gtex_assets.lib.tiles.tiling import SlideJob, TilingParams, tile_slides
 
     ann = pd.read_csv(mirror / "GTEx Portal.csv")
     jobs = [

@@ -1,8 +1,8 @@
 import dagster as dg
 import pytest
 
+from gtex_assets.cli.runner import load_definitions
 from gtex_assets.defs.execution import ExecutorChoiceError, executor_for
-from gtex_assets.runner import load_definitions
 
 
 def test_default_executor_is_multiprocess(monkeypatch):

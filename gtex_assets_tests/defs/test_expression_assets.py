@@ -11,9 +11,9 @@ import pytest
 
 from gtex_assets.defs.expression.assets import PLOTS, gene_log_tpm
 from gtex_assets.defs.ingest.assets import gtex_histology_annotations, gtex_sample_attributes
-from gtex_assets.lib.expression import ExpressionPaths, load_log_tpm
-from gtex_assets.lib.gct import GCTError
-from gtex_assets.lib.sources import GENE_TPM_GCT
+from gtex_assets.lib.expression.gct import GCTError
+from gtex_assets.lib.expression.log_tpm import ExpressionPaths, load_log_tpm
+from gtex_assets.lib.ingest.sources import GENE_TPM_GCT
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 
@@ -124,7 +124,7 @@ def test_failed_run_leaves_previous_outputs(materialised, tmp_path, tiny_mirror)
 
 def test_data_version_is_the_gct_version(materialised, tiny_mirror):
     """`gtex_source_sensor` compares it with the source's current version."""
-    from gtex_assets.lib.sources import GTExSource, Kind
+    from gtex_assets.lib.ingest.sources import GTExSource, Kind
 
     _, r = materialised
     mat = r.asset_materializations_for_node("gene_log_tpm")[0]

@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
+from gtex_assets.core.atomic import write_parquet
+from gtex_assets.core.lake import Lake
 from gtex_assets.defs.model.assets import TissueClassifierConfig, tissue_classifier
 from gtex_assets.defs.model.checks import (
     selected_classifier_beats_chance,
     tissue_classifier_beats_chance,
 )
-from gtex_assets.lib.atomic import write_parquet
-from gtex_assets.lib.lake import Lake
-from gtex_assets.lib.models import load_checkpoint
+from gtex_assets.lib.model.backbones import load_checkpoint
 from gtex_assets.resources import DataLakeResource
-from gtex_assets_tests.lib.test_training import make_tile_table
+from gtex_assets_tests.lib.model.test_training import make_tile_table
 
 RUN_CONFIG = {
     "backbone": "efficientnet_lite0",

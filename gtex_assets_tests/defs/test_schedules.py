@@ -1,8 +1,8 @@
 import dagster as dg
 import pytest
 
+from gtex_assets.cli.runner import load_definitions
 from gtex_assets.defs.schedules import DEFAULT_CRON
-from gtex_assets.runner import load_definitions
 
 
 def test_weekly_refresh_selects_only_aggregates(monkeypatch):

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from gtex_assets.cli.runner import load_definitions
 from gtex_assets.defs.ingest.assets import (
     gtex_histology_annotations,
     gtex_sample_attributes,
@@ -9,7 +10,6 @@ from gtex_assets.defs.ingest.assets import (
     selected_slides,
 )
 from gtex_assets.defs.ingest.sensors import gtex_source_sensor, new_slides_sensor
-from gtex_assets.runner import load_definitions
 
 INGEST = [gtex_histology_annotations, gtex_sample_attributes, selected_slides]
 
@@ -101,7 +101,7 @@ def test_source_sensor_rewritten_gct_requests_expression_and_its_aggregates(
     import shutil
 
     from gtex_assets.defs.expression.assets import gene_log_tpm
-    from gtex_assets.lib.sources import GENE_TPM_GCT
+    from gtex_assets.lib.ingest.sources import GENE_TPM_GCT
 
     mirror = tmp_path / "mirror"
     shutil.copytree(tiny_mirror, mirror)

@@ -6,8 +6,13 @@ import os
 
 import pytest
 
-from gtex_assets.runner import REPO_ROOT, load_definitions
-from gtex_assets.ui_check import find_chromium, graphql, running_webserver, screenshot_asset_graph
+from gtex_assets.cli.runner import REPO_ROOT, load_definitions
+from gtex_assets.cli.ui_check import (
+    find_chromium,
+    graphql,
+    running_webserver,
+    screenshot_asset_graph,
+)
 
 QUERY = "{ assetNodes { assetKey { path } groupName kinds } }"
 

@@ -18,25 +18,26 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from gtex_assets.core.atomic import write_parquet
+from gtex_assets.core.lake import Lake
 from gtex_assets.defs.embeddings.assets import slide_embeddings, tile_embeddings
 from gtex_assets.defs.expression.assets import gene_log_tpm
 from gtex_assets.defs.metadata import plot_metadata, table_metadata
-from gtex_assets.lib import cluster_predict as CP
-from gtex_assets.lib import plots_analysis as P
-from gtex_assets.lib import vector_store as V
-from gtex_assets.lib.atomic import write_parquet
-from gtex_assets.lib.cluster_predict import compare_gene_r2, evaluate_cluster_predictor
-from gtex_assets.lib.expression import load_log_tpm
-from gtex_assets.lib.feature_comparison import compare_features
-from gtex_assets.lib.lake import Lake
-from gtex_assets.lib.projection import (
+from gtex_assets.lib.analysis import cluster_transcriptome as CP
+from gtex_assets.lib.analysis import plots as P
+from gtex_assets.lib.analysis.cluster_transcriptome import (
+    compare_gene_r2,
+    evaluate_cluster_predictor,
+)
+from gtex_assets.lib.analysis.feature_comparison import compare_features
+from gtex_assets.lib.analysis.projection import (
     align_samples,
     compute_view,
     joint_matrix,
     pca_fit_transform,
     silhouette_by_label,
 )
-from gtex_assets.lib.regression import (
+from gtex_assets.lib.analysis.regression import (
     DEFAULT_ALPHAS,
     baseline_r2,
     donor_folds,
@@ -45,6 +46,8 @@ from gtex_assets.lib.regression import (
     ridge_gene_r2,
     strata_too_small,
 )
+from gtex_assets.lib.embeddings import vector_store as V
+from gtex_assets.lib.expression.log_tpm import load_log_tpm
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 GROUP = "analysis"

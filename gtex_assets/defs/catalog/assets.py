@@ -19,7 +19,7 @@ from gtex_assets.defs.ingest.assets import (
 )
 from gtex_assets.defs.model.assets import tissue_classifier
 from gtex_assets.defs.tiles.assets import balanced_tile_sample, filtered_tiles, slide_tiles
-from gtex_assets.lib.catalog import build_catalog
+from gtex_assets.lib.catalog.views import build_catalog
 from gtex_assets.resources import DataLakeResource
 
 

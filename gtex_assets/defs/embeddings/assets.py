@@ -23,15 +23,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from gtex_assets.core.atomic import params_hash, write_json, write_parquet
+from gtex_assets.core.ids import InvalidSampleIdError, subject_of
+from gtex_assets.core.lake import Lake
 from gtex_assets.defs.execution import GPU_OP_TAGS, GPU_POOL
 from gtex_assets.defs.metadata import counts_md, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
-from gtex_assets.lib import embedding as E
-from gtex_assets.lib import vector_store as V
-from gtex_assets.lib.atomic import params_hash, write_json, write_parquet
-from gtex_assets.lib.ids import InvalidSampleIdError, subject_of
-from gtex_assets.lib.lake import Lake
-from gtex_assets.lib.models import resolve_device
+from gtex_assets.lib.embeddings import embed as E
+from gtex_assets.lib.embeddings import vector_store as V
+from gtex_assets.lib.model.backbones import resolve_device
 from gtex_assets.resources import DataLakeResource
 
 GROUP = "embeddings"

@@ -6,7 +6,8 @@ from pydantic import Field
 
 from gtex_assets.defs.ingest.assets import gtex_histology_annotations, gtex_sample_attributes
 from gtex_assets.defs.metadata import plot_metadata, table_metadata
-from gtex_assets.lib.expression import (
+from gtex_assets.lib.expression.gct import DECOMPRESSOR
+from gtex_assets.lib.expression.log_tpm import (
     GENE_VIEW_SQL,
     HIST_EDGES,
     MIN_MAX_LOG_TPM,
@@ -18,13 +19,12 @@ from gtex_assets.lib.expression import (
     hist_summary,
     write_outputs,
 )
-from gtex_assets.lib.gct import DECOMPRESSOR
-from gtex_assets.lib.plots_expression import (
+from gtex_assets.lib.expression.plots import (
     plot_max_log_tpm,
     plot_std_log_tpm,
     plot_value_distribution,
 )
-from gtex_assets.lib.sources import Kind
+from gtex_assets.lib.ingest.sources import Kind
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 GROUP = "expression"

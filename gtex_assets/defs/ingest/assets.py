@@ -7,15 +7,18 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from gtex_assets.core.atomic import write_parquet
+from gtex_assets.core.ids import InvalidSampleIdError
 from gtex_assets.defs.metadata import counts_md, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
-from gtex_assets.lib.atomic import write_parquet
-from gtex_assets.lib.ids import InvalidSampleIdError
-from gtex_assets.lib.portal_csv import parse_portal_csv
-from gtex_assets.lib.raw_slides import RAW_SLIDE_COLUMNS, fetch_and_inspect, rows_to_table
-from gtex_assets.lib.sample_attributes import attributes_from_gct_header, parse_sample_attributes
-from gtex_assets.lib.selection import select_slides
-from gtex_assets.lib.sources import Kind, SourceError
+from gtex_assets.lib.ingest.portal_csv import parse_portal_csv
+from gtex_assets.lib.ingest.sample_attributes import (
+    attributes_from_gct_header,
+    parse_sample_attributes,
+)
+from gtex_assets.lib.ingest.selection import select_slides
+from gtex_assets.lib.ingest.sources import Kind, SourceError
+from gtex_assets.lib.slides.raw import RAW_SLIDE_COLUMNS, fetch_and_inspect, rows_to_table
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 GROUP = "ingest"

@@ -12,9 +12,9 @@ import hashlib
 
 import dagster as dg
 
+from gtex_assets.core.batching import contiguous_batches
 from gtex_assets.defs.partitions import slide_partitions
-from gtex_assets.lib.batching import contiguous_batches
-from gtex_assets.lib.sources import Kind, SourceError
+from gtex_assets.lib.ingest.sources import Kind, SourceError
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 # source file -> the asset that reads it (and records its version as the data version).

@@ -10,13 +10,13 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from gtex_assets.core.atomic import write_json, write_parquet
+from gtex_assets.core.lake import Lake
 from gtex_assets.defs.execution import GPU_OP_TAGS, GPU_POOL
 from gtex_assets.defs.metadata import plot_metadata
-from gtex_assets.lib.atomic import write_json, write_parquet
-from gtex_assets.lib.lake import Lake
-from gtex_assets.lib.models import BACKBONES, WeightsUnavailable
-from gtex_assets.lib.plots_model import plot_confusion, plot_learning_curves, plot_sweep
-from gtex_assets.lib.training import (
+from gtex_assets.lib.model.backbones import BACKBONES, WeightsUnavailable
+from gtex_assets.lib.model.plots import plot_confusion, plot_learning_curves, plot_sweep
+from gtex_assets.lib.model.training import (
     TrainConfig,
     TrainResult,
     predictions_confusion,

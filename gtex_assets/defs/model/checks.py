@@ -6,11 +6,11 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from gtex_assets.core.lake import Lake
 from gtex_assets.defs.execution import GPU_POOL
 from gtex_assets.defs.model.assets import MODEL_DIR, tissue_classifier
-from gtex_assets.lib.lake import Lake
-from gtex_assets.lib.models import load_checkpoint
-from gtex_assets.lib.training import beats_chance, evaluate_checkpoint
+from gtex_assets.lib.model.backbones import load_checkpoint
+from gtex_assets.lib.model.training import beats_chance, evaluate_checkpoint
 from gtex_assets.resources import DataLakeResource
 
 

@@ -8,21 +8,13 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from gtex_assets.core.atomic import params_hash, write_parquet
+from gtex_assets.core.ids import InvalidSampleIdError, subject_of
 from gtex_assets.defs.ingest.assets import raw_slides, selected_slides
 from gtex_assets.defs.metadata import counts_md, plot_metadata, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
-from gtex_assets.lib.atomic import params_hash, write_parquet
-from gtex_assets.lib.ids import InvalidSampleIdError, subject_of
-from gtex_assets.lib.plots_tiles import filter_montage, pick_examples
-from gtex_assets.lib.sampling import (
-    SAMPLE_COLUMNS,
-    assign_split,
-    balanced_sample,
-    donor_split,
-    donor_split_table,
-    donors_on_both_sides,
-)
-from gtex_assets.lib.tile_quality import (
+from gtex_assets.lib.tiles.plots import filter_montage, pick_examples
+from gtex_assets.lib.tiles.quality import (
     DEFAULT_DIRT_RULE,
     DEFAULT_MIN_CHANNEL_STD,
     DEFAULT_MIN_JPEG_BYTES,
@@ -32,7 +24,15 @@ from gtex_assets.lib.tile_quality import (
     verdict_counts,
     verdict_sql,
 )
-from gtex_assets.lib.tiling import (
+from gtex_assets.lib.tiles.sampling import (
+    SAMPLE_COLUMNS,
+    assign_split,
+    balanced_sample,
+    donor_split,
+    donor_split_table,
+    donors_on_both_sides,
+)
+from gtex_assets.lib.tiles.tiling import (
     TILER_VERSION,
     SlideJob,
     TilingParams,
