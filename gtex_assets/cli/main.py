@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from gtex_assets.core.lake import DEFAULT_DATA_ROOT, Lake
+from gtex_assets.core.lake import DATA_ROOT_ENV, resolve_root
 
 
 def _data_root(arg: str | None) -> Path:
-    root = Lake.at(arg or os.environ.get("GTEX_DATA_ROOT") or DEFAULT_DATA_ROOT).root
-    os.environ["GTEX_DATA_ROOT"] = str(root)  # the resources read it at run time
+    root = resolve_root(arg).root
+    os.environ[DATA_ROOT_ENV] = str(root)  # the resources read it at run time
     return root
 
 

@@ -14,12 +14,20 @@ Everything the platform writes sits under one root (``GTEX_DATA_ROOT``):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from gtex_assets.core.ids import validate_sample_id
 
 DEFAULT_DATA_ROOT = "./gtex_data"
+DATA_ROOT_ENV = "GTEX_DATA_ROOT"
+
+
+def resolve_root(root: str | Path | None = None) -> Lake:
+    """The data root: ``root`` if given, else ``$GTEX_DATA_ROOT``, else ``./gtex_data`` (read
+    when called, never at import)."""
+    return Lake.at(root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 
 from gtex_assets.core.atomic import atomic_path
+from gtex_assets.core.sql import quote_literal
 
 # Views derived from base tables; created when every table they read exists.
 DERIVED_VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -58,10 +59,6 @@ class View:
     rows: int
 
 
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 def discover_tables(tables_dir: Path) -> dict[str, str]:
     """``name -> parquet path or glob`` for ``tables/<name>.parquet`` and ``tables/<name>/*.parquet``."""
     found: dict[str, str] = {}
@@ -92,7 +89,7 @@ def build_catalog(
         try:
             for name, src in tables.items():
                 con.execute(
-                    f"CREATE VIEW {name} AS SELECT * FROM read_parquet({_sql_str(src)}, union_by_name=true)"
+                    f"CREATE VIEW {name} AS SELECT * FROM read_parquet({quote_literal(src)}, union_by_name=true)"
                 )
             derived = {
                 n: sql

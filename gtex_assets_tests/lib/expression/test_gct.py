@@ -241,7 +241,7 @@ def test_non_utf8_gene_id(tmp_path):
 def test_plain_zlib_path_when_isal_is_absent(tmp_path, monkeypatch):
     import zlib
 
-    from gtex_assets.lib.expression.log_tpm import gct
+    from gtex_assets.lib.expression import gct
 
     monkeypatch.setattr(gct, "_zlib_impl", zlib)
     rows = _many_rows(3000)
