@@ -16,7 +16,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -75,9 +74,18 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_parquet(data: pd.DataFrame | pa.Table, dest: str | Path) -> Path:
-    """Write a DataFrame/Arrow table to Parquet atomically; returns the path."""
-    table = data if isinstance(data, pa.Table) else pa.Table.from_pandas(data, preserve_index=False)
+def to_arrow(data: Any) -> pa.Table:
+    """An Arrow table from a polars or pandas frame (or an Arrow table as it is)."""
+    if isinstance(data, pa.Table):
+        return data
+    if hasattr(data, "to_arrow"):  # polars
+        return data.to_arrow()
+    return pa.Table.from_pandas(data, preserve_index=False)
+
+
+def write_parquet(data: Any, dest: str | Path) -> Path:
+    """Write a polars/pandas frame or Arrow table to Parquet atomically; returns the path."""
+    table = to_arrow(data)
     with atomic_path(dest) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return Path(dest)

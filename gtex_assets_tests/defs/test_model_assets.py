@@ -2,8 +2,6 @@
 sample: tables, checkpoints, plots, metadata, idempotent re-runs, and a gate that fails a
 model predicting one tissue."""
 
-import json
-
 import dagster as dg
 import pandas as pd
 import pytest
@@ -11,11 +9,12 @@ import torch
 
 from gtex_assets.core.atomic import write_parquet
 from gtex_assets.core.lake import Lake
-from gtex_assets.defs.model.assets import TissueClassifierConfig, tissue_classifier
+from gtex_assets.defs.model.assets import tissue_classifier
 from gtex_assets.defs.model.checks import (
     selected_classifier_beats_chance,
     tissue_classifier_beats_chance,
 )
+from gtex_assets.defs.model.configs import TissueClassifierConfig
 from gtex_assets.lib.model.backbones import load_checkpoint
 from gtex_assets.resources import DataLakeResource
 from gtex_assets_tests.lib.model.test_training import make_tile_table
@@ -28,7 +27,7 @@ RUN_CONFIG = {
     "epochs": 3,
     "lr": 1e-3,
     "checkpoint_epochs": [1],
-    "num_workers": 0,
+    "n_workers": 0,
     "num_threads": 1,
 }
 
@@ -40,7 +39,7 @@ def _run_config(asset=True, **overrides):
             **asset_cfg,
             # A check's op is named <asset>_<check>.
             "tissue_classifier_tissue_classifier_beats_chance": {
-                "config": {"device": "cpu", "num_workers": 0}
+                "config": {"device": "cpu", "n_workers": 0}
             },
         }
     }
@@ -74,7 +73,7 @@ def test_config_defaults_are_the_spec():
     cfg = TissueClassifierConfig().train_config()
     assert (cfg.backbone, cfg.lr, cfg.epochs, cfg.batch_size) == ("efficientnet_b0", 1e-4, 30, 32)
     assert cfg.kept_epochs() == [5, 10, 20, 30] and cfg.selected() == 30
-    assert (cfg.input_size, cfg.weights, cfg.allow_random_init, cfg.seed) == (
+    assert (cfg.input_size, cfg.weights, cfg.allow_random_init, cfg.random_state) == (
         224,
         "imagenet",
         False,
@@ -82,8 +81,25 @@ def test_config_defaults_are_the_spec():
     )
 
 
+def test_config_mirrors_every_train_config_field():
+    """Every TrainConfig field is a config field of the same name and default (no drift)."""
+    import dataclasses
+
+    from gtex_assets.lib.model.training import TrainConfig
+
+    ui = TissueClassifierConfig()
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(TrainConfig(), f.name)
+        value = getattr(ui, f.name)
+        assert (tuple(value) if isinstance(value, list) else value) == default, f.name
+
+
 def test_asset_spec():
     spec = tissue_classifier.specs_by_key[dg.AssetKey("tissue_classifier")]
+    assert {k.to_user_string() for k in tissue_classifier.keys} == {
+        "tissue_classifier", "classifier_epochs", "classifier_checkpoints",
+        "classifier_confusion", "classifier_sweep",
+    }  # fmt: skip
     assert spec.group_name == "model" and "pytorch" in spec.kinds
     assert tissue_classifier.op.pool == "gpu" and spec.code_version
     assert [d.asset_key for d in spec.deps] == [dg.AssetKey("balanced_tile_sample")]
@@ -113,8 +129,16 @@ def test_classifier_writes_tables_checkpoints_and_plots(trained):
     )
     model, card = load_checkpoint(sel["path"])
     assert card["classes"] == ["Tissue A", "Tissue B", "Tissue C"] and card["epoch"] == 3
-    pointer = json.loads((lk.models / "tissue_classifier" / "selected.json").read_text())
-    assert pointer["path"] == sel["path"] and pointer["input_size"] == 64
+    # The checkpoints table is the one record of the selected model: no pointer file beside it.
+    assert not (lk.models / "tissue_classifier" / "selected.json").exists()
+    keys = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {"tissue_classifier", "classifier_epochs", "classifier_checkpoints",
+            "classifier_confusion"} <= keys and "classifier_sweep" not in keys  # fmt: skip
+    ck_md = result.asset_materializations_for_node("tissue_classifier")
+    schema = next(m for m in ck_md if m.asset_key.path == ["classifier_checkpoints"]).metadata
+    assert schema["dagster/table_name"].value == "gtex.main.classifier_checkpoints"
+    cols = {c.name: c for c in schema["dagster/column_schema"].schema.columns}
+    assert {"model_id", "selected", "path"} <= set(cols) and cols["selected"].description
 
     conf = pd.read_parquet(lk.table("classifier_confusion"))
     sel_conf = conf[conf["model_id"] == sel["model_id"]]

@@ -1,64 +1,62 @@
-"""The DuckDB catalog: views over every table, so everything is queryable with SQL."""
+"""The DuckDB catalog: a view over every table, so everything is queryable with SQL. The derived
+views (quarantined slides, tiling problems, the long expression view ...) are assets of their
+own, drawn from the tables they read."""
 
 import dagster as dg
-import pandas as pd
+import polars as pl
 
-from gtex_assets.defs.analysis.assets import (
-    cluster_transcriptome,
-    embedding_views,
-    feature_comparison,
-    gene_r2,
-)
-from gtex_assets.defs.embeddings.assets import slide_embeddings, tile_embeddings
-from gtex_assets.defs.expression.assets import gene_log_tpm
-from gtex_assets.defs.ingest.assets import (
-    gtex_histology_annotations,
-    gtex_sample_attributes,
-    raw_slides,
-    selected_slides,
-)
-from gtex_assets.defs.model.assets import tissue_classifier
-from gtex_assets.defs.tiles.assets import balanced_tile_sample, filtered_tiles, slide_tiles
-from gtex_assets.lib.catalog.views import build_catalog
-from gtex_assets.resources import DataLakeResource
+from gtex_assets.core.tables import CATALOG_DATABASE, TABLES
+from gtex_assets.defs.metadata import md_table
+from gtex_assets.lib.catalog.views import DERIVED_VIEWS, build_catalog
+from gtex_assets.resources import DataLakeResource, DuckDBCatalogResource
+
+GROUP = "catalog"
+
+SPECS = [
+    dg.AssetSpec(
+        "duckdb_catalog",
+        group_name=GROUP,
+        kinds={"duckdb"},
+        deps=sorted(TABLES),
+        description="`gtex.duckdb` under the data root: a view per Parquet table (per-slide "
+        "tables read by glob, so new slides show up without a rebuild). Open it with "
+        "`gtex-assets sql` or `duckdb -readonly gtex_data/gtex.duckdb`.",
+    ),
+    *(
+        dg.AssetSpec(
+            name,
+            group_name=GROUP,
+            kinds={"duckdb"},
+            deps=["duckdb_catalog", *needs],
+            skippable=True,  # created once every table it reads exists
+            description=f"Derived view: `{sql}`",
+            metadata={"dagster/table_name": f"{CATALOG_DATABASE}.main.{name}"},
+        )
+        for name, (needs, sql) in DERIVED_VIEWS.items()
+    ),
+]
 
 
-@dg.asset(
-    group_name="catalog",
-    kinds={"duckdb"},
-    deps=[
-        gtex_histology_annotations,
-        gtex_sample_attributes,
-        selected_slides,
-        raw_slides,
-        gene_log_tpm,
-        slide_tiles,
-        filtered_tiles,
-        balanced_tile_sample,
-        tissue_classifier,
-        tile_embeddings,
-        slide_embeddings,
-        embedding_views,
-        gene_r2,
-        cluster_transcriptome,
-        feature_comparison,
-    ],
-    pool="duckdb_catalog",  # the only writer of gtex.duckdb; dagster.yaml limits pools to 1
-)
-def duckdb_catalog(
-    context: dg.AssetExecutionContext, lake: DataLakeResource
-) -> dg.MaterializeResult:
-    """`gtex.duckdb` under the data root: a view per Parquet table (per-slide tables read by
-    glob, so new slides show up without a rebuild) and derived views such as
-    `slide_quarantine`. Open it with `duckdb -readonly gtex_data/gtex.duckdb` or `gtex-assets sql`."""
+@dg.multi_asset(name="duckdb_catalog", specs=SPECS, pool="duckdb_catalog")
+def duckdb_catalog(context: dg.AssetExecutionContext, lake: DataLakeResource,
+                   duckdb: DuckDBCatalogResource):  # fmt: skip
+    # pool: the only writer of gtex.duckdb; dagster.yaml limits every pool to 1.
     lk = lake.lake()
-    views = build_catalog(lk.catalog, lk.tables)
-    df = pd.DataFrame([{"view": v.name, "rows": v.rows, "source": v.source} for v in views])
-    context.log.info(f"catalog {lk.catalog}: {len(views)} views")
-    return dg.MaterializeResult(
+    path = duckdb.catalog_path(lk)
+    views = pl.DataFrame(
+        [{"view": v.name, "rows": v.rows, "source": v.source} for v in build_catalog(path, lk.tables)],
+        schema={"view": pl.String, "rows": pl.Int64, "source": pl.String},
+    )  # fmt: skip
+    context.log.info(f"catalog {path}: {views.height} views")
+    yield dg.MaterializeResult(
+        asset_key="duckdb_catalog",
         metadata={
-            "path": dg.MetadataValue.path(str(lk.catalog)),
-            "views": dg.MetadataValue.md(df.to_markdown(index=False) if len(df) else "none"),
-            "view_count": dg.MetadataValue.int(len(views)),
-        }
+            "path": dg.MetadataValue.path(str(path)),
+            "views": md_table(views),
+            "view_count": views.height,
+        },  # fmt: skip
     )
+    rows = dict(zip(views["view"], views["rows"], strict=True))
+    for name in DERIVED_VIEWS:
+        if name in rows:  # a derived view exists once every table it reads does
+            yield dg.MaterializeResult(asset_key=name, metadata={"dagster/row_count": rows[name]})

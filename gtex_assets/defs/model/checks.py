@@ -4,25 +4,17 @@ import json
 
 import dagster as dg
 import pandas as pd
-from pydantic import Field
+import polars as pl
 
+from gtex_assets.core.errors import InputError
 from gtex_assets.core.lake import Lake
 from gtex_assets.defs.execution import GPU_POOL
-from gtex_assets.defs.model.assets import MODEL_DIR, tissue_classifier
+from gtex_assets.defs.model.assets import MODEL_DIR
+from gtex_assets.defs.model.configs import BeatsChanceConfig
 from gtex_assets.lib.model.backbones import load_checkpoint
+from gtex_assets.lib.model.results import CHECKPOINTS_TABLE, selected_checkpoint
 from gtex_assets.lib.model.training import beats_chance, evaluate_checkpoint
 from gtex_assets.resources import DataLakeResource
-
-
-class BeatsChanceConfig(dg.Config):
-    margin: float = Field(
-        default=0.2, description="Required test accuracy above chance (best constant guess)"
-    )
-    max_tiles: int = Field(
-        default=5000, description="Evaluate at most this many test tiles (0 = all)"
-    )
-    device: str = Field(default="auto", description="auto (CUDA, MPS, CPU), cpu, cuda[:N], mps")
-    num_workers: int = Field(default=2, description="DataLoader workers decoding JPEGs")
 
 
 def _fail(description: str, **metadata) -> dg.AssetCheckResult:
@@ -30,28 +22,25 @@ def _fail(description: str, **metadata) -> dg.AssetCheckResult:
 
 
 def selected_classifier_beats_chance(
-    lk: Lake, margin: float = 0.2, max_tiles: int = 5000, device: str = "auto", num_workers: int = 0
+    lk: Lake, margin: float = 0.2, max_tiles: int = 5000, device: str = "auto", n_workers: int = 0
 ) -> dg.AssetCheckResult:
     """Load the selected checkpoint exactly as downstream stages will and re-evaluate it on its
     run's test tiles: passes when tile accuracy >= chance + margin, where chance is the best
     constant guess (max of 1/K and the majority class share)."""
-    path = lk.table("classifier_checkpoints")
+    path = lk.table(CHECKPOINTS_TABLE)
     if not path.is_file():
         return _fail(f"{path} missing: tissue_classifier has not written its checkpoints")
-    ckpts = pd.read_parquet(path)
-    sel = ckpts[ckpts["selected"]]
-    if len(sel) != 1:
-        return _fail(f"{path}: {len(sel)} selected checkpoints (need exactly 1)")
-    row = sel.iloc[0]
     try:
+        row = selected_checkpoint(pl.read_parquet(path), str(path))
         model, card = load_checkpoint(row["path"])
+    except InputError as e:
+        return _fail(str(e))
     except (OSError, ValueError, RuntimeError) as e:
         return _fail(f"selected checkpoint {row['path']} does not load: {e}")
-    split_path = lk.models / MODEL_DIR / row["run_id"] / "split.parquet"
-    split = pd.read_parquet(split_path)
+    split = pd.read_parquet(lk.models / MODEL_DIR / row["run_id"] / "split.parquet")
     metrics, labels, _ = evaluate_checkpoint(
         model, split, card["classes"], int(card["input_size"]), device=device,
-        max_tiles=max_tiles, num_workers=num_workers,
+        max_tiles=max_tiles, num_workers=n_workers,
     )  # fmt: skip
     passed, chance, threshold = beats_chance(metrics["acc"], labels, len(card["classes"]), margin)
     return dg.AssetCheckResult(
@@ -61,19 +50,19 @@ def selected_classifier_beats_chance(
             f"{'>=' if passed else '<'} chance {chance:.3f} + margin {margin:.2f}"
         ),
         metadata={
-            "model_id": dg.MetadataValue.text(str(row["model_id"])),
-            "test_acc": dg.MetadataValue.float(round(metrics["acc"], 4)),
-            "slide_test_acc": dg.MetadataValue.float(round(metrics["slide_acc"], 4)),
-            "recorded_test_acc": dg.MetadataValue.float(round(float(row["test_acc"]), 4)),
-            "chance": dg.MetadataValue.float(round(chance, 4)),
-            "threshold": dg.MetadataValue.float(round(threshold, 4)),
-            "tiles_evaluated": dg.MetadataValue.int(metrics["n_tiles"]),
-            "classes": dg.MetadataValue.text(json.dumps(card["classes"])),
+            "model_id": str(row["model_id"]),
+            "test_acc": round(metrics["acc"], 4),
+            "slide_test_acc": round(metrics["slide_acc"], 4),
+            "recorded_test_acc": round(float(row["test_acc"]), 4),
+            "chance": round(chance, 4),
+            "threshold": round(threshold, 4),
+            "tiles_evaluated": int(metrics["n_tiles"]),
+            "classes": json.dumps(card["classes"]),
         },
     )
 
 
-@dg.asset_check(asset=tissue_classifier, blocking=True, pool=GPU_POOL)
+@dg.asset_check(asset="tissue_classifier", blocking=True, pool=GPU_POOL)
 def tissue_classifier_beats_chance(
     config: BeatsChanceConfig, lake: DataLakeResource
 ) -> dg.AssetCheckResult:
@@ -81,5 +70,5 @@ def tissue_classifier_beats_chance(
     better than chance by a clear margin (default 0.2); blocking, so a broken or degenerate
     model (e.g. one predicting a single tissue) never feeds the embeddings."""
     return selected_classifier_beats_chance(
-        lake.lake(), config.margin, config.max_tiles, config.device, config.num_workers
+        lake.lake(), config.margin, config.max_tiles, config.device, config.n_workers
     )

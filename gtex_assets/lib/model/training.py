@@ -95,13 +95,13 @@ class TrainConfig:
     augment: bool = True
     jitter: float = 0.1
     dropout: float = 0.2
-    seed: int = 0
+    random_state: int = 0
     checkpoint_epochs: tuple[int, ...] = (5, 10, 20, 30)
     selected_epoch: int | None = None
     device: str = "auto"
     mixed_precision: bool = True
     deterministic: bool = True
-    num_workers: int = 0
+    n_workers: int = 2  # DataLoader processes decoding JPEGs (0 = in the training process)
     cache: str = "auto"
     cache_max_gb: float = 4.0
     eval_batch_size: int = 128
@@ -118,7 +118,7 @@ class TrainConfig:
         "augment",
         "jitter",
         "dropout",
-        "seed",
+        "random_state",
     )
 
     def __post_init__(self) -> None:
@@ -562,16 +562,19 @@ def train_epoch(
     train = split.train_index
     labels = torch.from_numpy(split.labels.copy())
     batches = [
-        train[b] for b in epoch_batches(epoch_order(len(train), cfg.seed, epoch), cfg.batch_size)
+        train[b]
+        for b in epoch_batches(epoch_order(len(train), cfg.random_state, epoch), cfg.batch_size)
     ]
-    torch.manual_seed(_mix(cfg.seed, epoch, _DROPOUT))  # dropout draws of this epoch
+    torch.manual_seed(_mix(cfg.random_state, epoch, _DROPOUT))  # dropout draws of this epoch
     model.train()
     loss_sum, correct, n = 0.0, 0, 0
     for b, (idx, x) in enumerate(source.batches(batches)):
         x = x.to(rt.device, non_blocking=True)
         if cfg.augment:
             x = augment_batch(
-                x, torch.Generator().manual_seed(_mix(cfg.seed, epoch, _AUGMENT, b)), cfg.jitter
+                x,
+                torch.Generator().manual_seed(_mix(cfg.random_state, epoch, _AUGMENT, b)),
+                cfg.jitter,
             )
         y = labels[torch.as_tensor(idx)].to(rt.device)
         with _autocast(rt):
@@ -727,7 +730,7 @@ def _save_state(
 
 
 def _new_training(cfg: TrainConfig, num_classes: int, rt: _Runtime, weights: str):
-    torch.manual_seed(_mix(cfg.seed, 0, _INIT))  # the new head's (and any random) init
+    torch.manual_seed(_mix(cfg.random_state, 0, _INIT))  # the new head's (and any random) init
     model = build_model(
         cfg.backbone,
         num_classes,
@@ -826,7 +829,7 @@ def _tile_source(split, cfg: TrainConfig, rt) -> TileSource:
         split.frame["path"].tolist(),
         cfg.input_size,
         cfg.cache,
-        cfg.num_workers,
+        cfg.n_workers,
         cfg.cache_max_gb,
         pin_memory=rt.device.type == "cuda",
     )
@@ -859,7 +862,9 @@ def train_classifier(
         run_dir / "run.json",
     )
     _write_if_changed(split.frame, run_dir / "split.parquet")
-    write_parquet(loader_order_frame(split, cfg.seed, cfg.epochs), run_dir / "loader_order.parquet")
+    write_parquet(
+        loader_order_frame(split, cfg.random_state, cfg.epochs), run_dir / "loader_order.parquet"
+    )
     with _determinism(cfg.deterministic):
         if source is None:
             source = _tile_source(split, cfg, rt)
