@@ -228,7 +228,9 @@ def test_same_config_and_seed_give_identical_metrics(tiles, tmp_path):
     wa = torch.load(a.run_dir / "epoch_002.pt", weights_only=True)
     wb = torch.load(b.run_dir / "epoch_002.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    c = T.train_classifier(tiles, dataclasses.replace(cfg, random_state=1, epochs=1), tmp_path / "c")
+    c = T.train_classifier(
+        tiles, dataclasses.replace(cfg, random_state=1, epochs=1), tmp_path / "c"
+    )
     assert c.history["train_loss"].iloc[0] != a.history["train_loss"].iloc[0]
 
 
