@@ -12,6 +12,9 @@ from __future__ import annotations
 class InputError(ValueError):
     """Bad input. ``source`` names the file/row/sample, ``fix`` says how to proceed."""
 
-    def __init__(self, source: str, problem: str, fix: str | None = None) -> None:
+    def __init__(self, source: str, problem: str | None = None, fix: str | None = None) -> None:
+        # One argument: a message that already names the input (subclasses with their own
+        # wording, e.g. the GCT parser's "file line N, column M: ...").
         self.source, self.problem, self.fix = source, problem, fix
-        super().__init__(f"{source}: {problem}" + (f" ({fix})" if fix else ""))
+        msg = source if problem is None else f"{source}: {problem}"
+        super().__init__(msg + (f"; {fix}" if fix else ""))

@@ -29,16 +29,23 @@ def column_schema(name: str, df: Any) -> dg.TableSchema:
 
 
 def table_metadata(
-    df: Any, path: Path, preview_rows: int = 10, name: str | None = None
+    df: Any,
+    path: Path,
+    preview_rows: int = 10,
+    name: str | None = None,
+    rows: int | None = None,
 ) -> dict[str, dg.MetadataValue]:
     """Row count, path, column schema, the DuckDB name and a markdown preview of a written
-    table (``name`` defaults to the file's / per-slide folder's name, which is the view's)."""
+    table (``name`` defaults to the file's / per-slide folder's name, which is the view's;
+    ``rows`` when ``df`` is only a sample of the table). List/array columns stay out of the
+    preview."""
     path = Path(path)
     name = name or (path.parent.name if path.parent.name != "tables" else path.stem)
     frame = _polars(df)
-    preview = frame.head(preview_rows).to_pandas()
+    flat = [c for c, t in frame.schema.items() if not t.is_nested()]
+    preview = frame.head(preview_rows).select(flat).to_pandas()
     return {
-        "dagster/row_count": dg.MetadataValue.int(frame.height),
+        "dagster/row_count": dg.MetadataValue.int(frame.height if rows is None else rows),
         "dagster/table_name": dg.MetadataValue.text(f"{CATALOG_DATABASE}.main.{name}"),
         "dagster/column_schema": dg.MetadataValue.table_schema(column_schema(name, frame)),
         "path": dg.MetadataValue.path(str(path)),

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gtex_assets.defs.expression.assets import PLOTS, gene_log_tpm
+from gtex_assets.defs.expression.assets import gene_log_tpm
 from gtex_assets.defs.ingest.assets import gtex_histology_annotations, gtex_sample_attributes
-from gtex_assets.lib.expression.gct import GCTError
 from gtex_assets.lib.expression.log_tpm import ExpressionPaths, load_log_tpm
+from gtex_assets.lib.expression.plots import PLOT_FILES
 from gtex_assets.lib.ingest.sources import GENE_TPM_GCT
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
@@ -87,7 +87,7 @@ def test_metadata_counts_and_plots(materialised):
         (genes["drop_reason"].fillna("") != "lowly_expressed").sum()
     )
     assert "duplicate_name" in md["filter_funnel"].value
-    for name in PLOTS.values():
+    for name in PLOT_FILES.values():
         png = root / "plots" / name
         assert png.read_bytes()[:4] == b"\x89PNG"
     assert md["plot_max_log_tpm"].value.startswith(
@@ -115,7 +115,8 @@ def test_failed_run_leaves_previous_outputs(materialised, tmp_path, tiny_mirror)
     text = err.message + "".join(c.message for c in [err.cause] if c is not None)
     assert "truncated gzip stream" in text and GENE_TPM_GCT in text and "last complete line" in text
     assert {p: p.read_bytes() for p in paths.all()} == before
-    with pytest.raises(GCTError, match="truncated gzip stream"):
+    # Raised to the caller as a Dagster failure whose description is the parser's message.
+    with pytest.raises(dg.Failure, match="truncated gzip stream"):
         dg.materialize(
             [gene_log_tpm], resources=_resources(root, bad), instance=dg.DagsterInstance.ephemeral()
         )

@@ -30,40 +30,42 @@ def _spec(key: str, description: str, **kw) -> dg.AssetSpec:
     return dg.AssetSpec(key, group_name=GROUP, description=description, **kw)
 
 
-SPECS = [
-    _spec(
-        "tissue_classifier",
-        "SPEC §6: a torchvision backbone (EfficientNet-B0 default) fine-tuned with AdamW on the "
-        "balanced tile sample's donor split; reproducible and resumable. Checkpoints "
-        "(state_dict + JSON card) under models/tissue_classifier/<run>/; its data version is "
-        "the selected model id.",
-        deps=[SAMPLE],
-        kinds={"pytorch"},
-        code_version="2",
-    ),
-    *(
-        _spec(name, desc, deps=["tissue_classifier"], kinds={"parquet"})
-        for name, desc in (
-            (R.EPOCHS_TABLE, "Per-epoch train/test metrics of every run."),
-            (R.CHECKPOINTS_TABLE, "Kept checkpoints; exactly one `selected` over all runs."),
-            (R.CONFUSION_TABLE, "Tile- and slide-level test confusion of every checkpoint."),
-        )
-    ),
-    _spec(
-        R.SWEEP_TABLE,
-        "Learning-rate x backbone sweep (only when sweep_lrs / sweep_backbones are set).",
-        deps=[SAMPLE],
-        kinds={"parquet"},
-        skippable=True,
-    ),
-]
+def _specs() -> list[dg.AssetSpec]:
+    # A function, not a module-level list: the defs loader would take bare specs as assets.
+    return [
+        _spec(
+            "tissue_classifier",
+            "SPEC §6: a torchvision backbone (EfficientNet-B0 default) fine-tuned with AdamW on the "
+            "balanced tile sample's donor split; reproducible and resumable. Checkpoints "
+            "(state_dict + JSON card) under models/tissue_classifier/<run>/; its data version is "
+            "the selected model id.",
+            deps=[SAMPLE],
+            kinds={"pytorch"},
+            code_version="2",
+        ),
+        *(
+            _spec(name, desc, deps=["tissue_classifier"], kinds={"parquet"})
+            for name, desc in (
+                (R.EPOCHS_TABLE, "Per-epoch train/test metrics of every run."),
+                (R.CHECKPOINTS_TABLE, "Kept checkpoints; exactly one `selected` over all runs."),
+                (R.CONFUSION_TABLE, "Tile- and slide-level test confusion of every checkpoint."),
+            )
+        ),
+        _spec(
+            R.SWEEP_TABLE,
+            "Learning-rate x backbone sweep (only when sweep_lrs / sweep_backbones are set).",
+            deps=[SAMPLE],
+            kinds={"parquet"},
+            skippable=True,
+        ),
+    ]
 
 
 def _read(lk: Lake, name: str) -> pl.DataFrame | None:
     return pl.read_parquet(lk.table(name)) if lk.table(name).is_file() else None
 
 
-@dg.multi_asset(name="tissue_classifier", specs=SPECS, pool=GPU_POOL, op_tags=GPU_OP_TAGS)
+@dg.multi_asset(name="tissue_classifier", specs=_specs(), pool=GPU_POOL, op_tags=GPU_OP_TAGS)
 def tissue_classifier(
     context: dg.AssetExecutionContext, config: TissueClassifierConfig, lake: DataLakeResource
 ):

@@ -39,6 +39,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from gtex_assets.core.errors import InputError
+
 try:  # ISA-L's inflate is ~3x zlib's; optional, same API.
     from isal import isal_zlib as _zlib_impl  # type: ignore[import-not-found]
 
@@ -62,7 +64,7 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _P10 = np.array([10.0**k for k in range(309)], dtype=np.float64)
 
 
-class GCTError(ValueError):
+class GCTError(InputError):
     """Malformed GCT input. The message names the file, line (and column) and the problem."""
 
     def __init__(

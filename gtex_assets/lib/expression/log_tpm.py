@@ -55,6 +55,7 @@ from typing import Any
 import numba
 import numpy as np
 import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -115,15 +116,17 @@ def base_gene_id(gene_id: str) -> str:
 def duplicate_mask(gene_ids: list[str], symbols: list[str]) -> np.ndarray:
     """True for every gene whose symbol names more than one Ensembl gene in the file (all
     copies), and for ``_PAR_Y`` rows whose X copy is in the file."""
-    df = pd.DataFrame({"gid": gene_ids, "sym": symbols})
-    df["base"] = [base_gene_id(g) for g in gene_ids]
-    df["par_y"] = df["gid"].str.endswith("_PAR_Y")
-    non_par = df[~df["par_y"]]
-    per_symbol = non_par.groupby("sym")["base"].nunique()
-    dup_symbols = set(per_symbol.index[per_symbol > 1])
-    x_bases = set(non_par["base"])
-    dup = df["sym"].isin(dup_symbols) | (df["par_y"] & df["base"].isin(x_bases))
-    return dup.to_numpy(dtype=bool)
+    df = pl.DataFrame(
+        {"gid": gene_ids, "sym": symbols, "base": [base_gene_id(g) for g in gene_ids]},
+        schema={"gid": pl.String, "sym": pl.String, "base": pl.String},
+    ).with_columns(par_y=pl.col("gid").str.ends_with("_PAR_Y"))
+    non_par = df.filter(~pl.col("par_y"))
+    per_symbol = non_par.group_by("sym").agg(pl.col("base").n_unique())
+    dup_symbols = per_symbol.filter(pl.col("base") > 1)["sym"]
+    dup = pl.col("sym").is_in(dup_symbols.implode()) | (
+        pl.col("par_y") & pl.col("base").is_in(non_par["base"].implode())
+    )
+    return df.select(dup.fill_null(False))["sym"].to_numpy().astype(bool)
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -290,7 +293,7 @@ class ExpressionResult:
 
     source: Path
     sample_ids: list[str]
-    genes: pd.DataFrame  # every gene: gene_id, symbol, max/mean/std, kept, drop_reason, ...
+    genes: pl.DataFrame  # every gene: gene_id, symbol, max/mean/std, kept, drop_reason, ...
     chunks: list[tuple[np.ndarray, np.ndarray]]  # (gene indices, float32 rows) of kept genes
     counts: dict[str, int]
     hist_before: np.ndarray
@@ -302,6 +305,19 @@ class ExpressionResult:
     @property
     def n_kept(self) -> int:
         return int(self.genes["kept"].sum())
+
+    def funnel(self) -> pl.DataFrame:
+        """Genes left after each SPEC §5 filter, and the drop reason each filter records."""
+        c, p = self.counts, self.params
+        return pl.DataFrame(
+            {
+                "filter": ["genes in the GCT", f"max logTPM > {p.min_max_log_tpm:g}",
+                           f"std > {p.min_std:g}", "standard symbol", "unique symbol (kept)"],
+                "genes": [c["genes_in"], c["after_expression"], c["after_variance"],
+                          c["after_name"], c["kept"]],
+                "drop_reason": ["", *DROP_REASONS],
+            }
+        )  # fmt: skip
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -385,21 +401,19 @@ def filter_gct(
 
     matrix_index = np.full(ng, -1, dtype=np.int64)
     matrix_index[kept] = np.arange(int(kept.sum()))
-    genes = pd.DataFrame(
+    genes = pl.DataFrame(
         {
-            "gene_id": pd.array(gene_ids, dtype="string"),
-            "symbol": pd.array(symbols, dtype="string"),
+            "gene_id": pl.Series(gene_ids, dtype=pl.String),
+            "symbol": pl.Series(symbols, dtype=pl.String),
             "max_log_tpm": max_log.astype(np.float32),
             "mean_log_tpm": mean_log.astype(np.float32),
             "std_log_tpm": std_log.astype(np.float32),
             "kept": kept,
-            "drop_reason": pd.array(reason, dtype="string"),
-            "name_problem": pd.array(problems, dtype="string"),
-            "matrix_index": pd.array(
-                [int(i) if i >= 0 else None for i in matrix_index], dtype="Int64"
-            ),
+            "drop_reason": pl.Series(list(reason), dtype=pl.String),
+            "name_problem": pl.Series(list(problems), dtype=pl.String),
+            "matrix_index": pl.Series(matrix_index, dtype=pl.Int64),
         }
-    )
+    ).with_columns(pl.col("matrix_index").replace(-1, None))
     counts = {
         "genes_in": ng,
         "after_expression": int(pass_expr.sum()),
@@ -433,41 +447,54 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
 
 def build_sample_table(
     sample_ids: list[str],
-    attributes: pd.DataFrame | None = None,
-    annotations: pd.DataFrame | None = None,
-) -> pd.DataFrame:
+    attributes: pl.DataFrame | None = None,
+    annotations: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """One row per matrix row: aliquot id -> tissue sample id, subject, tissue.
 
     ``tissue`` is the SampleAttributes SMTSD of the aliquot when present and non-empty, else
     the histology annotation's tissue of its tissue sample. ``has_slide``: the tissue sample is
     in the histology annotations (null when those are not available).
     """
-    df = pd.DataFrame({"aliquot_id": pd.array(sample_ids, dtype="string")})
     tsid = [aliquot_to_sample_id(a) for a in sample_ids]
-    df["tissue_sample_id"] = pd.array(tsid, dtype="string")
-    df["subject_id"] = pd.array(
-        ["-".join(t.split("-")[:2]) if t else None for t in tsid], dtype="string"
+    df = pl.DataFrame(
+        {
+            "aliquot_id": pl.Series(sample_ids, dtype=pl.String),
+            "tissue_sample_id": pl.Series(tsid, dtype=pl.String),
+            "subject_id": pl.Series(
+                ["-".join(t.split("-")[:2]) if t else None for t in tsid], dtype=pl.String
+            ),
+        }
     )
-    smtsd = pd.Series(pd.NA, index=df.index, dtype="string")
-    smts = pd.Series(pd.NA, index=df.index, dtype="string")
-    if attributes is not None and len(attributes):
-        a = attributes.drop_duplicates("aliquot_id").set_index("aliquot_id")
-        for col, target in (("smtsd", smtsd), ("smts", smts)):
-            if col in a.columns:
-                target[:] = df["aliquot_id"].map(a[col]).astype("string").replace("", pd.NA)
-    tissue = smtsd.copy()
-    if annotations is not None and len(annotations):
-        ann = annotations.drop_duplicates("tissue_sample_id").set_index("tissue_sample_id")
-        from_hist = df["tissue_sample_id"].map(ann["tissue"]).astype("string")
-        tissue = tissue.fillna(from_hist)
-        has_slide = df["tissue_sample_id"].isin(set(ann.index)).astype("boolean")
+    attr_cols = [c for c in ("smtsd", "smts") if attributes is not None and c in attributes.columns]
+    if attr_cols:
+        a = attributes.unique("aliquot_id", keep="first", maintain_order=True).select(
+            "aliquot_id", *(pl.col(c).cast(pl.String).replace("", None) for c in attr_cols)
+        )
+        df = df.join(a, on="aliquot_id", how="left", maintain_order="left")
+    for c in ("smtsd", "smts"):
+        if c not in df.columns:
+            df = df.with_columns(pl.lit(None, dtype=pl.String).alias(c))
+    if annotations is not None and annotations.height:
+        ann = annotations.unique("tissue_sample_id", keep="first", maintain_order=True).select(
+            "tissue_sample_id", hist_tissue=pl.col("tissue").cast(pl.String)
+        )
+        df = df.join(ann, on="tissue_sample_id", how="left", maintain_order="left")
+        has_slide = pl.col("tissue_sample_id").is_in(ann["tissue_sample_id"].implode())
+        df = df.with_columns(
+            tissue=pl.coalesce("smtsd", "hist_tissue"), has_slide=has_slide.fill_null(False)
+        )
     else:
-        has_slide = pd.Series(pd.NA, index=df.index, dtype="boolean")
-    df["tissue"] = tissue
-    df["smts"] = smts
-    df["has_slide"] = has_slide
-    df["sample_index"] = np.arange(len(df), dtype=np.int64)
-    return df
+        df = df.with_columns(tissue=pl.col("smtsd"), has_slide=pl.lit(None, dtype=pl.Boolean))
+    return df.with_row_index("sample_index").select(
+        "aliquot_id",
+        "tissue_sample_id",
+        "subject_id",
+        "tissue",
+        "smts",
+        "has_slide",
+        pl.col("sample_index").cast(pl.Int64),
+    )
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -527,9 +554,9 @@ def write_matrix_parquet(
             ("log_tpm", pa.list_(pa.float32())),
         ]
     )
-    kept = result.genes[result.genes["kept"]]
-    gids = kept["gene_id"].astype(str).tolist()
-    syms = kept["symbol"].astype(str).tolist()
+    kept = result.genes.filter(pl.col("kept"))
+    gids = kept["gene_id"].cast(pl.String).to_list()
+    syms = kept["symbol"].cast(pl.String).to_list()
     ns = len(result.sample_ids)
     with pq.ParquetWriter(
         dest,
@@ -586,7 +613,7 @@ GENE_VIEW_SQL = (
 
 def write_outputs(
     result: ExpressionResult,
-    samples: pd.DataFrame,
+    samples: pl.DataFrame,
     root: str | Path,
     *,
     source_version: str | None = None,
@@ -598,7 +625,10 @@ def write_outputs(
     ``extra_files`` maps more destinations to a ``callable(tmp_path)`` that writes them (the
     plots). Returns the manifest."""
     paths = ExpressionPaths.under(root)
-    if len(samples) != len(result.sample_ids) or list(samples["aliquot_id"]) != result.sample_ids:
+    if (
+        samples.height != len(result.sample_ids)
+        or samples["aliquot_id"].to_list() != result.sample_ids
+    ):
         raise ValueError("sample table does not match the matrix's sample order")
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -621,16 +651,8 @@ def write_outputs(
         extra = {p: stack.enter_context(atomic_path(p)) for p in (extra_files or {})}
         write_log_tpm_npy(result, tmp[paths.matrix_npy])
         write_matrix_parquet(result, tmp[paths.matrix_parquet])
-        pq.write_table(
-            pa.Table.from_pandas(result.genes, preserve_index=False),
-            tmp[paths.genes],
-            compression="zstd",
-        )
-        pq.write_table(
-            pa.Table.from_pandas(samples, preserve_index=False),
-            tmp[paths.samples],
-            compression="zstd",
-        )
+        pq.write_table(result.genes.to_arrow(), tmp[paths.genes], compression="zstd")
+        pq.write_table(samples.to_arrow(), tmp[paths.samples], compression="zstd")
         for p, writer in (extra_files or {}).items():
             writer(extra[p])
         manifest["write_s"] = round(time.perf_counter() - t0, 3)
@@ -643,14 +665,14 @@ def load_log_tpm(
     root: str | Path, mmap: bool = True
 ) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
     """``(matrix samples x genes, kept genes table, samples table)`` for later stages; the
-    matrix is memory-mapped read-only by default."""
+    matrix is memory-mapped read-only by default. The tables are pandas because their readers
+    hand them to scikit-learn beside the matrix."""
     paths = ExpressionPaths.under(root)
     if not paths.matrix_npy.is_file():
         raise FileNotFoundError(f"{paths.matrix_npy}: materialise the gene_log_tpm asset first")
     x = np.load(paths.matrix_npy, mmap_mode="r" if mmap else None)
-    genes = pd.read_parquet(paths.genes)
-    genes = genes[genes["kept"]].sort_values("matrix_index").reset_index(drop=True)
-    samples = pd.read_parquet(paths.samples).sort_values("sample_index").reset_index(drop=True)
+    genes = pl.read_parquet(paths.genes).filter(pl.col("kept")).sort("matrix_index").to_pandas()
+    samples = pl.read_parquet(paths.samples).sort("sample_index").to_pandas()
     if x.shape != (len(samples), len(genes)):
         raise ValueError(
             f"{paths.matrix_npy}: shape {x.shape} disagrees with the tables "
@@ -669,4 +691,26 @@ def hist_summary(hist: np.ndarray) -> dict[str, float]:
         "values": total,
         "zero_fraction": float(hist[0] / total),
         "mean": float((hist * centres).sum() / total),
+    }
+
+
+def expression_summary(result: ExpressionResult, samples: pl.DataFrame) -> dict[str, Any]:
+    """The numbers the asset reports: the filter funnel's counts, samples, zeros before/after."""
+    c = result.counts
+    before, after = hist_summary(result.hist_before), hist_summary(result.hist_after)
+    return {
+        "genes_in": c["genes_in"],
+        "after_expression": c["after_expression"],
+        "after_variance": c["after_variance"],
+        "after_name": c["after_name"],
+        "genes_kept": c["kept"],
+        "samples": len(result.sample_ids),
+        "samples_with_slide": int(samples["has_slide"].fill_null(False).sum()),
+        "samples_per_tissue": dict(
+            samples["tissue"].fill_null("(unknown)").value_counts().sort("tissue").rows()
+        ),
+        "zero_fraction_before": round(before["zero_fraction"], 6),
+        "zero_fraction_after": round(after["zero_fraction"], 6),
+        "matrix_shape": f"{result.shape[0]} samples x {result.shape[1]} genes",
+        "parse_seconds": round(result.seconds, 3),
     }

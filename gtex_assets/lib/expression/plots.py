@@ -104,3 +104,38 @@ def plot_value_distribution(
     ax.set_title("logTPM values before vs after gene filtering")
     ax.legend(loc="upper right", fontsize=8)
     return _save(fig, path)
+
+
+PLOT_FILES = {
+    "max_log_tpm": "expression_max_log_tpm.png",
+    "std_log_tpm": "expression_std_log_tpm.png",
+    "values_before_after": "expression_values_before_after.png",
+}
+
+
+class PlotWriters(dict):
+    """``dest -> writer(tmp_path)`` for ``write_outputs`` (written with the tables, atomically);
+    ``paths`` names each plot's final file."""
+
+    def __init__(self, writers: dict, paths: dict[str, Path]) -> None:
+        super().__init__(writers)
+        self.paths = paths
+
+
+def plot_writers(result, plots_dir: Path) -> PlotWriters:
+    """The three SPEC §5 plots of an ``ExpressionResult``, as writers into ``plots_dir``."""
+    from gtex_assets.lib.expression.log_tpm import HIST_EDGES
+
+    g, p = result.genes, result.params
+    max_log, std_log = g["max_log_tpm"].to_numpy(), g["std_log_tpm"].to_numpy()
+    expressed = max_log > p.min_max_log_tpm
+    shapes = ((g.height, len(result.sample_ids)), (result.n_kept, len(result.sample_ids)))
+    paths = {key: Path(plots_dir) / name for key, name in PLOT_FILES.items()}
+    writers = {
+        paths["max_log_tpm"]: lambda t: plot_max_log_tpm(max_log, p.min_max_log_tpm, t),
+        paths["std_log_tpm"]: lambda t: plot_std_log_tpm(std_log, expressed, p.min_std, t),
+        paths["values_before_after"]: lambda t: plot_value_distribution(
+            HIST_EDGES, result.hist_before, result.hist_after, *shapes, t
+        ),
+    }
+    return PlotWriters(writers, paths)

@@ -6,6 +6,7 @@ import json
 import duckdb
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 
 from gtex_assets.lib.expression.gct import GCTError
@@ -133,7 +134,7 @@ def test_duplicate_rule_counts_ensembl_genes_not_rows_and_par_y():
 
 def test_exact_kept_set_and_drop_reasons(gct_path):
     res = filter_gct(gct_path, workers=2, block_bytes=64)
-    g = res.genes
+    g = res.genes.to_pandas()
     assert g["gene_id"].tolist() == [x[0] for x in GENES]
     assert g.loc[g["kept"], "gene_id"].tolist() == KEPT
     reasons = [None if pd.isna(r) else r for r in g["drop_reason"]]
@@ -164,7 +165,7 @@ def test_counts_funnel(gct_path):
 def test_log_values_max_std_and_matrix(gct_path):
     res = filter_gct(gct_path)
     tpm = {gid: t for gid, _, t, _ in GENES}
-    g = res.genes.set_index("gene_id")
+    g = res.genes.to_pandas().set_index("gene_id")
     for gid, t in tpm.items():
         assert g.loc[gid, "max_log_tpm"] == pytest.approx(_log(t).max(), abs=1e-6)
         assert g.loc[gid, "std_log_tpm"] == pytest.approx(_log(t).std(ddof=1), abs=1e-6)
@@ -188,12 +189,12 @@ def test_log_precision_over_the_tpm_range(tmp_path):
 
 def test_thresholds_and_name_switches(gct_path):
     res = filter_gct(gct_path, ExpressionParams(min_max_log_tpm=4.9, min_std=0.0))
-    kept = set(res.genes.loc[res.genes["kept"], "gene_id"])
+    kept = set(res.genes.to_pandas().loc[res.genes.to_pandas()["kept"], "gene_id"])
     assert {"ENSG00000000001.1", "ENSG00000000003.1", "ENSG00000000015.1"} <= kept
     res = filter_gct(
         gct_path, ExpressionParams(drop_nonstandard_names=False, drop_duplicate_names=False)
     )
-    kept = res.genes.loc[res.genes["kept"], "symbol"].tolist()
+    kept = res.genes.to_pandas().loc[res.genes.to_pandas()["kept"], "symbol"].tolist()
     assert {"RP11-34P13.3", "Y_RNA", "hsa-mir-1253", "DUPA"} <= set(kept)
     assert kept.count("DUPA") == 2
 
@@ -234,7 +235,7 @@ def test_sample_table_maps_aliquots_to_samples_and_tissues():
             "tissue": ["Thyroid", "Spleen", "Lung"],
         }
     )
-    s = build_sample_table(ALIQUOTS, attrs, ann)
+    s = build_sample_table(ALIQUOTS, pl.from_pandas(attrs), pl.from_pandas(ann)).to_pandas()
     assert s["aliquot_id"].tolist() == ALIQUOTS
     assert s["tissue_sample_id"].tolist()[:4] == [
         "GTEX-1117F-0226",
@@ -249,7 +250,7 @@ def test_sample_table_maps_aliquots_to_samples_and_tissues():
     assert pd.isna(s["tissue"].iloc[4])
     assert s["has_slide"].tolist() == [False, False, True, True, False]
     assert s["sample_index"].tolist() == [0, 1, 2, 3, 4]
-    bare = build_sample_table(ALIQUOTS)
+    bare = build_sample_table(ALIQUOTS).to_pandas()
     assert bare["tissue"].isna().all() and bare["has_slide"].isna().all()
 
 
@@ -295,7 +296,7 @@ def test_duckdb_long_view_answers_one_gene_across_samples(gct_path, tmp_path):
             "smtsd": ["Lung"] * 2 + ["Liver"] * 2,
         }
     )
-    samples = build_sample_table(res.sample_ids, attrs)
+    samples = build_sample_table(res.sample_ids, pl.from_pandas(attrs))
     root = tmp_path / "root"
     write_outputs(res, samples, root)
     paths = ExpressionPaths.under(root)
@@ -366,7 +367,7 @@ def test_sample_table_must_match_the_matrix(gct_path, tmp_path):
 
 def test_plots_are_pngs(gct_path, tmp_path):
     res = filter_gct(gct_path)
-    g = res.genes
+    g = res.genes.to_pandas()
     paths = [
         plot_max_log_tpm(g["max_log_tpm"], 5.0, tmp_path / "a.png"),
         plot_std_log_tpm(g["std_log_tpm"], g["max_log_tpm"] > 5, 0.5, tmp_path / "b.png"),
