@@ -74,6 +74,18 @@ def test_every_asset_materialised_and_every_view_answers(pipeline):
         "feature_comparison_genes", "feature_comparison_accuracy",
     }  # fmt: skip
     assert expected <= set(views)
+    # Every view users query is an asset of the same key (lineage shows each table) and every
+    # table the pipeline wrote is in core/tables.py's registry.
+    from gtex_assets.cli.runner import load_definitions
+    from gtex_assets.core.tables import TABLES
+
+    keys = {
+        k.to_user_string() for k in load_definitions().resolve_asset_graph().get_all_asset_keys()
+    }
+    assert set(views) - keys == set()
+    written = {p.stem if p.is_file() else p.name for p in (root / "tables").iterdir()
+               if not p.name.startswith(".")}  # fmt: skip
+    assert written - set(TABLES) == set()
     for v in views:
         con.execute(f"SELECT * FROM {v} LIMIT 1").fetchall()  # every view binds and reads
     assert con.execute("SELECT count(*) FROM raw_slides WHERE status = 'ok'").fetchone()[0] == 15
