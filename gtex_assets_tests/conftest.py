@@ -12,6 +12,14 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# Under pytest-xdist each worker gets its share of the cores for torch/numba/BLAS threads
+# (read when those libraries load, so set before any test module imports them).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, _share)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path_factory):
@@ -32,16 +40,37 @@ def portal_csv_sample() -> Path:
     return FIXTURES / "GTEx_Portal.head300.csv"
 
 
+def shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """A directory built once per test session and shared by every xdist worker: the first
+    worker to ask builds it under a lock (into a temp name, renamed when complete), the others
+    wait and reuse it. Tests treat it as read-only (copy before changing it)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, common to all workers
+    out = base / f"shared-{name}"
+    with FileLock(str(out) + ".lock"):
+        if not out.is_dir():
+            tmp = base / f".building-{name}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            tmp.rename(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_mirror(tmp_path_factory) -> Path:
     """A generated mirror: 3 tissues x 3 slides, small slides, a few hundred genes."""
     from gtex_assets.lib.synth import generate_mirror
 
-    out = tmp_path_factory.mktemp("mirror")
-    generate_mirror(
-        out, tissues=3, slides_per_tissue=3, seed=7, slide_size=(1344, 896), n_genes=300
+    return shared_dir(
+        tmp_path_factory,
+        "tiny_mirror",
+        lambda out: generate_mirror(
+            out, tissues=3, slides_per_tissue=3, seed=7, slide_size=(1344, 896), n_genes=300
+        ),
     )
-    return out
 
 
 @pytest.fixture

@@ -12,4 +12,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "${GTEX_SKIP_BROWSER_INSTALL:-0}" 
     || echo "test: could not install chromium; the browser check will be skipped" >&2
 fi
 export DAGSTER_DISABLE_TELEMETRY=1 MPLBACKEND=Agg
-exec .venv/bin/python -m pytest "$@"
+# Test files run in parallel, one file per worker at a time (module fixtures built once);
+# GTEX_TEST_WORKERS=0 runs serially.
+exec .venv/bin/python -m pytest -n "${GTEX_TEST_WORKERS:-auto}" --dist loadfile "$@"
