@@ -50,6 +50,9 @@ class MppPolicy:
         return p if p.is_absolute() else Path(data_root) / p
 
 
+DEFAULT_POLICY = MppPolicy()
+
+
 @dataclass(frozen=True)
 class MppOverrides:
     """Valid overrides (id -> MPP) of one table, and one message per row that was left out."""
@@ -116,7 +119,7 @@ def resolve_mpp(
     sample_id: str,
     description_mpp: float | None,
     overrides: MppOverrides,
-    policy: MppPolicy = MppPolicy(),
+    policy: MppPolicy = DEFAULT_POLICY,
 ) -> MppDecision:
     """The slide's MPP and its source by the policy above, or the reason there is none."""
     if description_mpp is not None and description_mpp > 0:

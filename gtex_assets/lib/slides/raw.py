@@ -16,6 +16,7 @@ from gtex_assets.core.lake import Lake
 from gtex_assets.lib.ingest.sources import GTExSource, Kind, SourceError
 from gtex_assets.lib.slides.mpp import (
     DEFAULT_OVERRIDES_FILE,
+    DEFAULT_POLICY,
     MppOverrides,
     MppPolicy,
     resolve_mpp,
@@ -52,7 +53,7 @@ def fetch_and_inspect(
     previous: dict | None = None,
     *,
     overrides: MppOverrides | None = None,
-    policy: MppPolicy = MppPolicy(),
+    policy: MppPolicy = DEFAULT_POLICY,
 ) -> dict:
     """One row of the ``raw_slides`` table for ``sample_id``: status ``ok`` or ``quarantined``.
 
@@ -128,7 +129,7 @@ def inspect_slides(
     tissue_of: Mapping[str, str],
     *,
     overrides: MppOverrides | None = None,
-    policy: MppPolicy = MppPolicy(),
+    policy: MppPolicy = DEFAULT_POLICY,
     workers: int = 4,
 ) -> list[tuple[dict, bool]]:
     """``(row, changed)`` of :func:`fetch_and_inspect` for each id, ``workers`` at a time.

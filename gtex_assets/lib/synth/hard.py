@@ -155,10 +155,13 @@ def write_sparse_slide(
     quality: int = 80,
     tile: int = SVS_TILE,
     seed: int = 0,
+    texel_px: float = 1.0,
 ) -> int:
     """A pyramidal Aperio JPEG SVS of ``width x height`` with tissue only inside ``islands``
     (level-0 rectangles x0, y0, x1, y1), written tile by tile: memory is a few tiles whatever
-    the size, and every glass tile is the same pre-encoded JPEG. Returns the file size."""
+    the size, and every glass tile is the same pre-encoded JPEG. ``texel_px`` level-0 px per
+    texture pixel: 2 on a 40x slide shows the same tissue as 1 on a 20x one. Returns the file
+    size."""
     path = Path(path)
     tex = tissue_texture(1024, seed)
     glass = np.empty((tile, tile, 3), np.uint8)
@@ -180,7 +183,9 @@ def write_sparse_slide(
                     cx = (xs >= x0) & (xs < x1) & (xs < w)
                     cy = (ys >= y0) & (ys < y1) & (ys < h)
                     # Texture sampled at level-0 coordinates, so every level shows the same field.
-                    sub = tex[np.ix_((ys[cy] * ds) % 1024, (xs[cx] * ds) % 1024)]
+                    ty_ = (ys[cy] * ds / texel_px).astype(np.int64) % 1024
+                    tx_ = (xs[cx] * ds / texel_px).astype(np.int64) % 1024
+                    sub = tex[np.ix_(ty_, tx_)]
                     out[np.ix_(cy, cx)] = sub
                 yield _encode_jpeg(out, quality)
 
