@@ -72,7 +72,7 @@ def test_ingest_end_to_end(tmp_path, mini_mirror):
     assert ok == (len(parts) - 1, 20.0, 0.499, "description")
     q = con.execute("SELECT tissue_sample_id, reason FROM slide_quarantine").fetchall()
     assert [x[0] for x in q] == [ids[-1]]
-    assert "cannot" in q[0][1] or "decoded" in q[0][1]
+    assert any(w in q[0][1] for w in ("cannot", "decoded", "truncated"))
     tables = {t for (t,) in con.execute("SHOW TABLES").fetchall()}
     assert {
         "histology_annotations",

@@ -1,9 +1,12 @@
 """Materialise the tiles group: slide_tiles -> filtered_tiles -> balanced_tile_sample."""
 
+import shutil
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pandas as pd
+import pytest
 
 from gtex_assets.defs.ingest.assets import (
     gtex_histology_annotations,
@@ -192,3 +195,79 @@ def test_quarantined_slides_are_recorded_and_done_slides_skipped(tmp_path, mini_
     assert sorted(p.name for p in (root / "tiles" / first).glob("*.jpg")) == sorted(
         Path(p).name for p in fewer["path"]
     )
+
+
+def _files(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_hard_mirror_through_dagster(tmp_path, monkeypatch):
+    """Slides and rows as they come (lib.synth.hard): ingest, tiles and the catalog run through
+    the runner's Dagster path; every slide ends tiled (with its MPP source) or quarantined with
+    a reason naming the fix, bad rows are queryable, nothing is written outside the data root."""
+    from gtex_assets.cli.runner import materialize_all
+    from gtex_assets.lib.synth.hard import generate_hard_mirror
+
+    mirror, root = tmp_path / "mirror", tmp_path / "root"
+    hard = generate_hard_mirror(mirror, tissues=3, slides_per_tissue=4)
+    cases = hard["cases"]
+    root.mkdir()
+    shutil.copy(mirror / "truth" / "mpp_overrides.csv", root / "mpp_overrides.csv")
+    monkeypatch.setenv("GTEX_DATA_ROOT", str(root))
+    monkeypatch.setenv("GTEX_SOURCE", str(mirror))
+    before = _files(mirror)
+    outside = {p for p in tmp_path.iterdir()}
+    selection = [
+        "histology_annotations", "histology_rejected_rows", "sample_attributes",
+        "selected_slides", "raw_slides", "slide_tiles", "tiling_status", "filtered_tiles",
+        "duckdb_catalog",
+    ]  # fmt: skip
+    materialize_all(
+        selection=selection,
+        run_config={"ops": {"slide_tiles": {"config": {"workers": 1}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+        log=lambda m: None,
+    )
+    assert _files(mirror) == before and set(tmp_path.iterdir()) == outside
+
+    con = duckdb.connect(str(root / "gtex.duckdb"), read_only=True)
+    rejected = con.execute("SELECT raw_id, reason FROM histology_rejected_rows ORDER BY line").fetchall()
+    assert [r[0] for r in rejected] == hard["bad_rows"]
+    assert all("line" in r[1] for r in rejected)
+    rows = con.execute(
+        "SELECT r.tissue_sample_id, r.status, r.reason, r.mpp_source, t.status, t.reason, t.mpp, "
+        "t.footprint_px FROM raw_slides r JOIN tiling_status t USING (tissue_sample_id)"
+    ).fetchall()
+    by_id = {r[0]: r[1:] for r in rows}
+    assert len(by_id) == len(rows) == 12
+    for sid, (raw, raw_reason, source, tiled, reason, mpp, footprint) in by_id.items():
+        if tiled == "ok":  # tiled, with its MPP source and 224 µm tiles
+            assert raw == "ok" and source in ("description", "override") and mpp == 0.5 or (
+                mpp == pytest.approx(0.499)
+            ), (sid, source, mpp)
+        elif sid in cases.values():
+            assert tiled == "quarantined" and reason, sid
+        else:  # a generated slide whose tissue is too faint is recorded, not an error
+            assert tiled == "no_tissue" and "no tissue" in reason, sid
+    expect = {
+        "no_mpp": ("quarantined", "fallback_mpp"),
+        "truncated": ("quarantined", "truncated"),
+        "not_tiff": ("quarantined", "not a TIFF"),
+        "missing": ("quarantined", "does not exist"),
+        "corrupt": ("quarantined", "max_corrupt_share"),
+    }
+    for case, (status, fix) in expect.items():
+        raw, raw_reason, _, tiled, reason, _, _ = by_id[cases[case]]
+        assert tiled == status and fix in reason, (case, reason)
+    assert "mpp_overrides.csv" in by_id[cases["no_mpp"]][4]
+    assert by_id[cases["no_mpp_override"]][2] == "override"
+    assert by_id[cases["no_mpp_override"]][3] == "ok"
+    x40 = by_id[cases["x40"]]
+    assert x40[3] == "ok" and x40[2] == "description" and x40[5] == 0.5 and x40[6] == 898
+    # Quarantined slides feed no tile downstream.
+    q = [s for s, r in by_id.items() if r[3] != "ok"]
+    n = con.execute(
+        "SELECT count(*) FROM filtered_tiles WHERE list_contains(?, tissue_sample_id)", [q]
+    ).fetchone()[0]
+    assert n == 0

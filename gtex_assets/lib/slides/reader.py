@@ -81,6 +81,10 @@ def inspect_slide(
     if width <= 0 or height <= 0:
         raise SlideReadError(f"{path.name}: image has no pixels ({width}x{height})")
     has_mpp = bool(res) and res[0] > 0 and res[1] > 0
+    # slideio reads the missing part of a truncated file as white without an error.
+    truncated = _truncation(path)
+    if truncated:
+        raise SlideReadError(f"{path.name}: {truncated}")
     if check_read:
         try:
             side = min(width, height, 256)
@@ -106,6 +110,31 @@ def inspect_slide(
         channels=channels,
         file_bytes=path.stat().st_size,
     )
+
+
+def _truncation(path: Path) -> str | None:
+    """Why the TIFF's level-0 image data does not fit in the file (cut short), or None."""
+    import logging
+
+    import tifffile
+
+    size = path.stat().st_size
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its own "invalid offset" noise
+    try:
+        with tifffile.TiffFile(str(path)) as tif:
+            page = tif.pages[0]
+            end = max(
+                (int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)),
+                default=0,
+            )
+    except Exception as e:
+        return f"TIFF structure unreadable ({_short(e)})"
+    if end > size:
+        return (
+            f"file truncated: level 0 image data runs to byte {end:,} but the file has "
+            f"{size:,} bytes (re-download or re-copy the slide)"
+        )
+    return None
 
 
 def _tifffile_decodes(path: Path) -> bool:

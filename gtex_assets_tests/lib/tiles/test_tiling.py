@@ -574,7 +574,9 @@ def test_40x_slide_gives_the_20x_field_of_view(tmp_path, levels, read_level, res
     assert o40.status["footprint_px"] == 896 and o40.status["read_level"] == read_level
     assert o40.status["mpp"] == o20.status["mpp"] == 0.5
     i20, i40 = o20.index, o40.index
-    assert list(zip(i40["x"] // 2, i40["y"] // 2)) == list(zip(i20["x"], i20["y"]))
+    assert len(i40) == len(i20) > 0
+    assert (i40["x"] // 2).tolist() == i20["x"].tolist()
+    assert (i40["y"] // 2).tolist() == i20["y"].tolist()
     assert set(i40["read_px"]) == {896 if resized else 448} and set(i40["mpp"]) == {0.5}
     a = np.asarray(Image.open(i20["path"].iloc[0]), np.float32)
     b = np.asarray(Image.open(i40["path"].iloc[0]), np.float32)
