@@ -7,7 +7,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from gtex_assets.core.atomic import params_hash, write_parquet
+from gtex_assets.core.atomic import write_parquet
 from gtex_assets.defs.ingest.assets import raw_slides, selected_slides
 from gtex_assets.defs.metadata import plot_metadata, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
@@ -252,7 +252,6 @@ def filtered_tiles(
     A slide not tiled `ok` contributes no tiles. Writes `tables/filtered_tiles/<id>.parquet`;
     one montage of example tiles per verdict per run (an observation, not per slide)."""
     lk, thresholds = lake.lake(), config.thresholds()
-    fhash = params_hash(thresholds.as_dict())
     parts = []
     for sid in context.partition_keys:
         index_path = lk.partition_table("slide_tiles", sid)
@@ -261,32 +260,30 @@ def filtered_tiles(
             continue
         status = previous_row(lk.partition_table("tiling_status", sid)) or {}
         out = judge_slide(pd.read_parquet(index_path), status.get("status"), thresholds)
-        out["filter_hash"] = fhash
         write_parquet(out, lk.partition_table("filtered_tiles", sid))
         parts.append(out)
-        counts = out["verdict"].value_counts().to_dict()
-        context.add_asset_metadata(
-            {"tiles": len(out), **{f"verdict_{v}": int(counts.get(v, 0)) for v in VERDICTS}},
-            partition_key=sid,
-        )
+        context.add_asset_metadata(_verdict_metadata(out), partition_key=sid)
     filtered = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(filtered):
         keys = list(context.partition_keys)
-        name = f"tile_filter_montage_{keys[0]}_{len(keys)}.png"
         png = _montage(
-            lk, filtered, name, config.montage_examples, f"Tile filters: {len(parts)} slide(s)",
-            thresholds,
+            lk, filtered, f"tile_filter_montage_{keys[0]}_{len(keys)}.png",
+            config.montage_examples, f"Tile filters: {len(parts)} slide(s)", thresholds,
         )  # fmt: skip
         md = {
             "verdicts": _md(verdict_counts(filtered)),
             "retune_sql": dg.MetadataValue.md(f"```sql\n{verdict_sql(thresholds)}\n```"),
+            **({"montage": plot_metadata(png)} if png is not None else {}),
         }
-        if png is not None:
-            md["montage"] = plot_metadata(png)
         context.log_event(dg.AssetObservation(asset_key="filtered_tiles", metadata=md))
     return dg.MaterializeResult(
         metadata={"thresholds": dg.MetadataValue.json(thresholds.as_dict())}
     )
+
+
+def _verdict_metadata(filtered: pd.DataFrame) -> dict:
+    counts = filtered["verdict"].value_counts().to_dict()
+    return {"tiles": len(filtered), **{f"verdict_{v}": int(counts.get(v, 0)) for v in VERDICTS}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,31 +354,30 @@ def balanced_tile_sample(
         context.log.info(f"{len(res.left_out)} tiled slides are no longer selected; left out")
     out = write_parquet(res.sample, lk.table("balanced_tile_sample"))
     split_out = write_parquet(res.split_table, lk.table("donor_split"))
-    short = res.per_tissue[res.per_tissue["tiles"] < res.per_tissue["target"]]
     png = _montage(
         lk, filtered, "tile_filter_montage.png", config.montage_examples,
         f"Tile filters: {filtered['tissue_sample_id'].nunique()} slides",
     )  # fmt: skip
     yield dg.MaterializeResult(
-        asset_key="balanced_tile_sample",
-        metadata={
-            **table_metadata(res.sample, out),
-            "tiles_per_tissue_and_split": _md(res.per_tissue),
-            "tissues_below_target": _md(short, "none"),
-            "all_tiles_verdicts": _md(verdict_counts(filtered)),
-            "verdicts_per_tissue": _md(verdict_counts(filtered, by="tissue")),
-            "montage": plot_metadata(png) if png is not None else dg.MetadataValue.text("no tiles"),
-        },
+        asset_key="balanced_tile_sample", metadata=_sample_metadata(res, filtered, png, out)
     )
     yield dg.MaterializeResult(
-        asset_key="donor_split",
-        metadata={
-            **table_metadata(res.split_table, split_out),
-            "test_tile_fraction": dg.MetadataValue.float(
-                round(float((res.sample["split"] == "test").mean()), 4) if len(res.sample) else 0.0
-            ),
-        },
+        asset_key="donor_split", metadata=table_metadata(res.split_table, split_out)
     )
+
+
+def _sample_metadata(res, filtered: pd.DataFrame, png, path) -> dict:
+    short = res.per_tissue[res.per_tissue["tiles"] < res.per_tissue["target"]]
+    test = float((res.sample["split"] == "test").mean()) if len(res.sample) else 0.0
+    return {
+        **table_metadata(res.sample, path),
+        "tiles_per_tissue_and_split": _md(res.per_tissue),
+        "tissues_below_target": _md(short, "none"),
+        "test_tile_fraction": dg.MetadataValue.float(round(test, 4)),
+        "all_tiles_verdicts": _md(verdict_counts(filtered)),
+        "verdicts_per_tissue": _md(verdict_counts(filtered, by="tissue")),
+        "montage": plot_metadata(png) if png is not None else dg.MetadataValue.text("no tiles"),
+    }
 
 
 @dg.asset_check(asset="balanced_tile_sample", blocking=True)

@@ -262,7 +262,12 @@ def judge_slide(
 ) -> pd.DataFrame:
     """The filtered tiles of one slide: its index judged by :func:`apply_filters`, or no rows
     when the slide was not tiled ``ok`` (a slide quarantined for corrupt tiles keeps its index
-    as a record, but none of its tiles may feed the sample)."""
+    as a record, but none of its tiles may feed the sample). ``filter_hash`` names the
+    thresholds that judged it."""
+    from gtex_assets.core.atomic import params_hash
+
     if tiling_status != "ok":
         index = index.iloc[0:0]
-    return apply_filters(index, thresholds)
+    out = apply_filters(index, thresholds)
+    out["filter_hash"] = params_hash(thresholds.as_dict())
+    return out

@@ -585,3 +585,34 @@ def test_40x_slide_gives_the_20x_field_of_view(tmp_path, levels, read_level, res
     # resolution: after downsampling they agree far better than two different tiles would.
     c = np.asarray(Image.open(i20["path"].iloc[1]), np.float32)
     assert np.abs(a - b).mean() < 0.5 * np.abs(a - c).mean()
+
+
+def test_sparse_large_slide_reads_only_its_islands_at_level_0(tmp_path, monkeypatch):
+    """A 24,000 x 16,000 px sparse pyramid (the benchmark's huge slide, scaled down): the mask
+    comes from a low-resolution level and level 0 is decoded only under the tissue islands."""
+    from gtex_assets.lib.synth.hard import write_sparse_slide
+
+    islands = [(2 * T, 3 * T, 6 * T, 6 * T), (40 * T, 25 * T, 43 * T, 27 * T)]
+    slide = tmp_path / "sparse.svs"
+    write_sparse_slide(slide, 24_000, 16_000, islands, levels=(4, 16, 64))
+    decoded = []
+    orig = tiling._TiffPageReader.segment
+
+    def spy(self, row, col):
+        if self.name.endswith("level 0"):
+            decoded.append((col, row))
+        return orig(self, row, col)
+
+    monkeypatch.setattr(tiling._TiffPageReader, "segment", spy)
+    out = run_one(SlideJob(**{**job_for(tmp_path, slide).__dict__, "mpp": 0.499}))
+    assert out.status["status"] == "ok" and out.status["mask_source"].startswith("lowres-1500x")
+    assert out.status["n_tiles"] == 4 * 3 + 3 * 2
+    seg = 256
+    needed = {
+        (c, r)
+        for x0, y0, x1, y1 in islands
+        for r in range(y0 // seg, (y1 - 1) // seg + 1)
+        for c in range(x0 // seg, (x1 - 1) // seg + 1)
+    }
+    assert decoded and set(decoded) <= needed and len(decoded) == len(set(decoded))
+    assert len(decoded) < 0.02 * (-(-24_000 // seg) * -(-16_000 // seg))
