@@ -605,6 +605,7 @@ def tissue_mask(sat: np.ndarray, params: TilingParams = TilingParams()) -> tuple
             border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
             fill[border] = False
             mask |= fill[holes]
+        del holes  # 4 bytes per mask px; the object labels below need as much again
     if params.mask_min_object_px > 0:
         # Drop specks (dust, debris) but keep thin connected structures such as fat membranes,
         # which an opening would erase.
