@@ -6,16 +6,13 @@ import polars as pl
 from pydantic import Field
 
 from gtex_assets.core.atomic import write_parquet
+from gtex_assets.defs.metadata import counts_md, input_failure, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
-from gtex_assets.defs.table_specs import (
-    counts_metadata,
-    table_result_metadata,
-    table_schema,
-    table_spec,
-)
+from gtex_assets.defs.table_specs import table_spec, table_spec_metadata
 from gtex_assets.lib.ingest.portal_csv import (
     ANNOTATIONS_SCHEMA,
     REJECTED_SCHEMA,
+    PortalCSVError,
     read_portal_csv,
     tissue_lookup,
 )
@@ -58,7 +55,10 @@ def gtex_histology_annotations(
     stops the others)."""
     lk, src = lake.lake(), gtex_source.spec()
     csv_path = src.fetch(Kind.HISTOLOGY, lk.raw)
-    parsed = read_portal_csv(csv_path)
+    try:
+        parsed = read_portal_csv(csv_path)
+    except PortalCSVError as e:
+        raise input_failure(e) from None
     ann, rejected = parsed.annotations, parsed.rejected
     out = write_parquet(ann.to_arrow(), lk.table("histology_annotations"))
     rej = write_parquet(rejected.to_arrow(), lk.table("histology_rejected_rows"))
@@ -69,18 +69,18 @@ def gtex_histology_annotations(
     yield dg.MaterializeResult(
         asset_key="histology_annotations",
         metadata={
-            **table_result_metadata(ann, out),
+            **table_metadata(ann, out),
             "rejected_rows": dg.MetadataValue.int(rejected.height),
             "tissues": dg.MetadataValue.int(ann["tissue"].n_unique()),
             "donors": dg.MetadataValue.int(ann["subject_id"].n_unique()),
-            "samples_per_tissue": counts_metadata(ann, "tissue", "samples"),
+            "samples_per_tissue": counts_md(ann["tissue"], "samples"),
             "source": dg.MetadataValue.text(str(csv_path)),
         },
         data_version=version,
     )
     yield dg.MaterializeResult(
         asset_key="histology_rejected_rows",
-        metadata=table_result_metadata(rejected, rej),
+        metadata=table_metadata(rejected, rej),
         data_version=version,
     )
 
@@ -89,10 +89,7 @@ def gtex_histology_annotations(
     name="sample_attributes",
     group_name=GROUP,
     kinds={"python", "parquet"},
-    metadata={
-        "dagster/column_schema": table_schema(dict.fromkeys(ATTRIBUTE_COLUMNS, pl.String)),
-        "dagster/table_name": "sample_attributes",
-    },
+    metadata=table_spec_metadata("sample_attributes", dict.fromkeys(ATTRIBUTE_COLUMNS, pl.String)),
 )
 def gtex_sample_attributes(
     context: dg.AssetExecutionContext, lake: DataLakeResource, gtex_source: GTExSourceResource
@@ -112,11 +109,10 @@ def gtex_sample_attributes(
         # appears later then counts as a change.
         version = "absent"
     out = write_parquet(df, lk.table("sample_attributes"))
-    frame = pl.from_pandas(df)
     return dg.MaterializeResult(
         metadata={
-            **table_result_metadata(frame, out),
-            "rna_tissue_samples": dg.MetadataValue.int(frame["tissue_sample_id"].n_unique()),
+            **table_metadata(df, out),
+            "rna_tissue_samples": dg.MetadataValue.int(int(df["tissue_sample_id"].nunique())),
             "origin": dg.MetadataValue.text(origin),
         },
         data_version=dg.DataVersion(version),
@@ -139,10 +135,7 @@ SELECTED_SCHEMA = {**ANNOTATIONS_SCHEMA, "has_rna": pl.Boolean, "rank_in_tissue"
     group_name=GROUP,
     kinds={"python", "parquet"},
     deps=["histology_annotations", "sample_attributes"],
-    metadata={
-        "dagster/column_schema": table_schema(SELECTED_SCHEMA),
-        "dagster/table_name": "selected_slides",
-    },
+    metadata=table_spec_metadata("selected_slides", SELECTED_SCHEMA),
 )
 def selected_slides(
     context: dg.AssetExecutionContext, config: SelectionConfig, lake: DataLakeResource
@@ -168,10 +161,10 @@ def selected_slides(
     context.log.info(f"selected {sel.height} slides; {len(new)} new slide partitions")
     return dg.MaterializeResult(
         metadata={
-            **table_result_metadata(sel, out),
+            **table_metadata(sel, out),
             "with_rna": dg.MetadataValue.int(int(sel["has_rna"].sum())),
             "new_partitions": dg.MetadataValue.int(len(new)),
-            "slides_per_tissue": counts_metadata(sel, "tissue", "slides"),
+            "slides_per_tissue": counts_md(sel["tissue"], "slides"),
         }
     )
 
@@ -203,10 +196,7 @@ class RawSlidesConfig(dg.Config):
     backfill_policy=SLIDE_BATCH,
     deps=[selected_slides],
     code_version="2",
-    metadata={
-        "dagster/column_schema": table_schema(RAW_SLIDE_SCHEMA),
-        "dagster/table_name": "raw_slides",
-    },
+    metadata=table_spec_metadata("raw_slides", RAW_SLIDE_SCHEMA),
 )
 def raw_slides(
     context: dg.AssetExecutionContext,

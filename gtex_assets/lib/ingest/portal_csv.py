@@ -15,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
+from gtex_assets.core.errors import InputError
 from gtex_assets.core.ids import InvalidSampleIdError, subject_of, validate_sample_id
 
 # Portal header -> normalised column name.
@@ -39,7 +40,7 @@ REJECTED_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-class PortalCSVError(ValueError):
+class PortalCSVError(InputError):
     """The histology CSV is unusable as a whole; the message names the file and problem."""
 
 
@@ -97,15 +98,16 @@ def read_portal_csv(path: str | Path) -> PortalCSV:
     try:
         f = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 - closed by the with below
     except OSError as e:
-        raise PortalCSVError(f"{path}: cannot open ({e.strerror})") from e
+        raise PortalCSVError(str(path), f"cannot open ({e.strerror})") from e
     with f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         missing = [c for c in REQUIRED if c not in header]
         if missing:
             raise PortalCSVError(
-                f"{path}: header lacks column(s) {missing}; found {header[:10]} "
-                "(is this the GTEx Portal histology CSV?)"
+                str(path),
+                f"header lacks column(s) {missing}; found {header[:10]}",
+                "is this the GTEx Portal histology CSV? Export it again from the portal",
             )
         rename = {c: PORTAL_COLUMNS.get(c, _snake(c)) for c in header}
         rows: list[dict[str, str]] = []
@@ -128,7 +130,9 @@ def read_portal_csv(path: str | Path) -> PortalCSV:
     rejected_df = pl.DataFrame(rejected, schema=REJECTED_SCHEMA)
     if not rows:
         detail = f"; {len(rejected)} rejected, first: {rejected[0]['reason']}" if rejected else ""
-        raise PortalCSVError(f"{path}: no valid sample rows{detail}")
+        raise PortalCSVError(
+            str(path), f"no valid sample rows{detail}", "fix the rows or export the CSV again"
+        )
     return PortalCSV(annotations=_annotations_frame(rows), rejected=rejected_df)
 
 

@@ -124,7 +124,10 @@ def _truncation(path: Path) -> str | None:
         with tifffile.TiffFile(str(path)) as tif:
             page = tif.pages[0]
             end = max(
-                (int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)),
+                (
+                    int(o) + int(n)
+                    for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)
+                ),
                 default=0,
             )
     except Exception as e:

@@ -15,8 +15,8 @@ How a slide is tiled
    ``mpp_tolerance`` of the target (no resampling), else from the finest level and resized
    (:func:`plan_read`). Full tiles only, at ``x, y = 0, F, 2F ...`` (level-0 coordinates); a
    tile is kept when the area-weighted tissue fraction of its footprint is
-   ``>= min_tissue_fraction``. Each tile records ``read_level``, ``read_px``, ``footprint_px``
-   and its ``mpp``.
+   ``>= min_tissue_fraction``. Each tile records the ``level`` read, ``read_px``,
+   ``footprint_px`` and its ``mpp``; ``x, y`` are level-0 pixels (openslide's convention).
 3. **Blocks.** Tissue tiles are grouped in blocks of k x k tiles (k chosen so block edges fall
    on the slide's own JPEG tile edges where possible). A worker reads a block by decoding each
    stored slide tile (e.g. 240 or 256 px) that touches a tissue tile exactly once (tifffile
@@ -62,12 +62,12 @@ from gtex_assets.lib.tiles.quality import STAT_COLUMNS, tile_stats
 
 # Bump when the tiler's output for the same parameters changes (part of the params hash).
 TILER_VERSION = "2"
-LEVEL = 0  # x, y are level-0 pixels; read_level says which pyramid level was read
+LEVEL = 0  # x, y are always level-0 pixels; a tile's ``level`` is the pyramid level read
 
 TILE_INDEX_COLUMNS: list[str] = [
     "tissue_sample_id", "tissue", "x", "y", "level", "tile_size", "path", "status", "error",
-    "jpeg_bytes", "tissue_fraction", *STAT_COLUMNS, "read_level", "read_px", "footprint_px",
-    "mpp", "params_hash",
+    "jpeg_bytes", "tissue_fraction", *STAT_COLUMNS, "read_px", "footprint_px", "mpp",
+    "params_hash",
 ]  # fmt: skip
 
 TILING_STATUS_COLUMNS: list[str] = [
@@ -1010,8 +1010,8 @@ TILE_INDEX_SCHEMA = pa.schema(
      ("status", pa.string()), ("error", pa.string()), ("jpeg_bytes", pa.int64()),
      ("tissue_fraction", pa.float64())]
     + [(c, pa.float64()) for c in STAT_COLUMNS]
-    + [("read_level", pa.int64()), ("read_px", pa.int64()), ("footprint_px", pa.int64()),
-       ("mpp", pa.float64()), ("params_hash", pa.string())]
+    + [("read_px", pa.int64()), ("footprint_px", pa.int64()), ("mpp", pa.float64()),
+       ("params_hash", pa.string())]
 )  # fmt: skip
 TILING_STATUS_SCHEMA = pa.schema(
     [("tissue_sample_id", pa.string()), ("tissue", pa.string()), ("status", pa.string()),
@@ -1052,9 +1052,8 @@ def finish_slide(plan: _Plan, rows: list[dict]) -> SlideOutcome:
         index["tissue_sample_id"] = job.sample_id
         index["tissue"] = job.tissue
         read = plan.read or ReadPlan(0, 1.0, plan.tile_size, plan.tile_size, plan.tile_size, None)
-        index["level"] = LEVEL
+        index["level"] = read.level
         index["tile_size"] = plan.tile_size
-        index["read_level"] = read.level
         index["read_px"] = read.read_px
         index["footprint_px"] = read.footprint_px
         index["mpp"] = read.mpp

@@ -578,6 +578,7 @@ def test_40x_slide_gives_the_20x_field_of_view(tmp_path, levels, read_level, res
     assert (i40["x"] // 2).tolist() == i20["x"].tolist()
     assert (i40["y"] // 2).tolist() == i20["y"].tolist()
     assert set(i40["read_px"]) == {896 if resized else 448} and set(i40["mpp"]) == {0.5}
+    assert set(i40["level"]) == {read_level} and set(i20["level"]) == {0}
     a = np.asarray(Image.open(i20["path"].iloc[0]), np.float32)
     b = np.asarray(Image.open(i40["path"].iloc[0]), np.float32)
     assert a.shape == b.shape == (T, T, 3)
