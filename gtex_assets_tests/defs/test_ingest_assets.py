@@ -14,7 +14,7 @@ from gtex_assets.defs.ingest.assets import (
     raw_slides,
     selected_slides,
 )
-from gtex_assets.resources import DataLakeResource, GTExSourceResource
+from gtex_assets.resources import DataLakeResource, DuckDBCatalogResource, GTExSourceResource
 
 ASSETS = [
     gtex_histology_annotations,
@@ -29,6 +29,7 @@ def _resources(root, mirror):
     return {
         "lake": DataLakeResource(root=str(root)),
         "gtex_source": GTExSourceResource(source=str(mirror)),
+        "duckdb": DuckDBCatalogResource(),
     }
 
 
