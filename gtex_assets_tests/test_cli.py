@@ -36,7 +36,7 @@ def test_demo_on_a_mirror_then_sql(tmp_path, mini_mirror, capsys):
     mirror, ids, _ = mini_mirror
     root = tmp_path / "root"
     rc = main(["demo", "--source", str(mirror), "--data-root", str(root),
-               "--select", "gtex_histology_annotations", "gtex_sample_attributes",
+               "--select", "histology_annotations", "histology_rejected_rows", "sample_attributes",
                "selected_slides", "raw_slides", "duckdb_catalog"])  # fmt: skip
     assert rc == 0
     out = capsys.readouterr().out
@@ -83,7 +83,8 @@ def test_environment_contract(tmp_path, mini_mirror):
     mirror, _, _ = mini_mirror
     env = {**os.environ, "GTEX_DATA_ROOT": str(tmp_path / "r"), "GTEX_SOURCE": str(mirror)}
     env.pop("DAGSTER_HOME", None)
-    subprocess.run([str(EXE), "demo", "--select", "gtex_histology_annotations", "duckdb_catalog"],
+    subprocess.run([str(EXE), "demo", "--select", "histology_annotations",
+                    "histology_rejected_rows", "duckdb_catalog"],
                    env=env, check=True, capture_output=True)  # fmt: skip
     assert (tmp_path / "r" / "tables" / "histology_annotations.parquet").is_file()
     assert (tmp_path / "r" / "gtex.duckdb").is_file()
@@ -91,11 +92,10 @@ def test_environment_contract(tmp_path, mini_mirror):
 
 def test_demo_reports_a_failed_step_plainly(tmp_path, mini_mirror, capsys):
     mirror, _, _ = mini_mirror
-    with open(mirror / "GTEx Portal.csv", "a") as f:
-        f.write('"not-an-id","Lung","GTEX-1117F","male","60-69","","",""\n')
+    # A bad row is set aside (histology_rejected_rows); a file that is not the portal CSV fails.
+    (mirror / "GTEx Portal.csv").write_text('"Sample","Tissue"\n"GTEX-1117F-0126","Lung"\n')
     rc = main(["demo", "--source", str(mirror), "--data-root", str(tmp_path / "r"),
-               "--select", "gtex_histology_annotations"])  # fmt: skip
+               "--select", "histology_annotations", "histology_rejected_rows"])  # fmt: skip
     assert rc == 1
     err = capsys.readouterr().err
-    assert "[demo] failed:" in err and "'not-an-id' is not a GTEx tissue sample id" in err
-    assert "line 14" in err
+    assert "[demo] failed:" in err and "GTEx Portal.csv: header lacks column(s)" in err

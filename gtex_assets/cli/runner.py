@@ -50,7 +50,9 @@ def _stages(defs: dg.Definitions, selection: Sequence[str] | None) -> list[tuple
         (k for k in graph.get_all_asset_keys() if graph.get(k).is_materializable), key=str
     )
     if selection:
-        wanted = {dg.AssetKey.from_user_string(s) for s in selection}
+        # A multi_asset runs whole: selecting one of its tables selects its siblings too.
+        chosen = dg.AssetSelection.assets(*(dg.AssetKey.from_user_string(s) for s in selection))
+        wanted = chosen.required_multi_asset_neighbors().resolve(graph)
         keys = [k for k in keys if k in wanted]
     parents = {k: set(graph.get(k).parent_keys) & set(keys) for k in keys}
     partitioned = {k: graph.get(k).partitions_def is not None for k in keys}

@@ -29,7 +29,7 @@ COMMON: dict[str, str] = {
     "x": "Tile's left edge in level-0 pixels",
     "y": "Tile's top edge in level-0 pixels",
     "level": "Pyramid level the tile was read from",
-    "tile_size": "Tile edge in level-0 pixels",
+    "tile_size": "Tile edge in pixels as written (covers footprint_px level-0 pixels)",
     "path": "File path under the data root",
     "split": "Donor-level split: train or test",
     "status": "ok, or why not (quarantined, error ...)",
@@ -80,6 +80,17 @@ _TABLES = (
     # ingest
     _t("histology_annotations", "ingest", "The portal histology CSV, one row per slide", _ANNOT),
     _t(
+        "histology_rejected_rows",
+        "ingest",
+        "Rows of GTEx Portal.csv left out (malformed/repeated id, empty tissue, donor mismatch)",
+        _c(
+            "tissue",
+            "reason",
+            line="Line number in GTEx Portal.csv (1 = header)",
+            raw_id="The row's Tissue Sample ID as written (never used as a path)",
+        ),  # fmt: skip
+    ),
+    _t(
         "sample_attributes",
         "ingest",
         "RNA-seq aliquot -> tissue sample -> tissue",
@@ -114,8 +125,10 @@ _TABLES = (
             source_version="Version of the source file (ETag/size+mtime)",
             width="Level-0 width (px)",
             height="Level-0 height (px)",
-            mpp_x="Microns per pixel, x",
+            mpp_x="Microns per pixel, x (by the MPP policy: see mpp_source)",
             mpp_y="Microns per pixel, y",
+            mpp_source="Where the MPP came from: description, override or fallback",
+            description_mpp="MPP in the slide's own description (null: none)",
             magnification="Objective magnification (AppMag)",
             levels="Pyramid levels",
             level_downsamples="Downsample of each level",
@@ -192,6 +205,9 @@ _TABLES = (
             mean_r="Mean red",
             mean_g="Mean green",
             mean_b="Mean blue",
+            read_px="Pixels read per tile side at the read level (resized to tile_size if not equal)",
+            footprint_px="Tile side in level-0 pixels (tile_size x target_mpp / slide MPP)",
+            mpp="Microns per pixel of the written tile",
         ),  # fmt: skip
         partitioned=True,
     ),
@@ -217,6 +233,11 @@ _TABLES = (
             mask_downsample="Downsample of the mask",
             mask_threshold="Otsu threshold",
             reader="Slide reader used",
+            slide_mpp="The slide's MPP (raw_slides, by the MPP policy)",
+            mpp="Microns per pixel of its tiles",
+            read_level="Pyramid level the tiles were read from",
+            read_px="Pixels read per tile side at that level",
+            footprint_px="Tile side in level-0 pixels",
             tiled_at="When tiled",
         ),  # fmt: skip
         partitioned=True,
@@ -232,6 +253,8 @@ _TABLES = (
             "y",
             "path",
             verdict="kept, or the filter that removed the tile",
+            size_threshold="JPEG size threshold of the tile's tissue",
+            filter_hash="Hash of the thresholds that judged the tile",
         ),  # fmt: skip
         partitioned=True,
     ),
@@ -256,7 +279,13 @@ _TABLES = (
         "donor_split",
         "tiles",
         "Donor-level train/test split (no donor on both sides)",
-        _c("subject_id", "split"),
+        _c(
+            "subject_id",
+            "split",
+            n_slides="The donor's slides",
+            n_tiles="The donor's sampled tiles",
+            tissues="The donor's tissues",
+        ),  # fmt: skip
     ),
     # model
     _t(

@@ -1,5 +1,7 @@
 """Materialise the ingest assets and the catalog on a small mirror built from the fixtures."""
 
+import logging
+
 import dagster as dg
 import duckdb
 import pandas as pd
@@ -12,7 +14,7 @@ from gtex_assets.defs.ingest.assets import (
     raw_slides,
     selected_slides,
 )
-from gtex_assets.resources import DataLakeResource, GTExSourceResource
+from gtex_assets.resources import DataLakeResource, DuckDBCatalogResource, GTExSourceResource
 
 ASSETS = [
     gtex_histology_annotations,
@@ -27,6 +29,7 @@ def _resources(root, mirror):
     return {
         "lake": DataLakeResource(root=str(root)),
         "gtex_source": GTExSourceResource(source=str(mirror)),
+        "duckdb": DuckDBCatalogResource(),
     }
 
 
@@ -64,12 +67,13 @@ def test_ingest_end_to_end(tmp_path, mini_mirror):
     assert r.success
     con = duckdb.connect(str(root / "gtex.duckdb"), read_only=True)
     ok = con.execute(
-        "SELECT count(*), min(magnification), round(min(mpp_x), 3) FROM raw_slides WHERE status='ok'"
+        "SELECT count(*), min(magnification), round(min(mpp_x), 3), any_value(mpp_source) "
+        "FROM raw_slides WHERE status='ok'"
     ).fetchone()
-    assert ok == (len(parts) - 1, 20.0, 0.499)
+    assert ok == (len(parts) - 1, 20.0, 0.499, "description")
     q = con.execute("SELECT tissue_sample_id, reason FROM slide_quarantine").fetchall()
     assert [x[0] for x in q] == [ids[-1]]
-    assert "cannot" in q[0][1] or "decoded" in q[0][1]
+    assert any(w in q[0][1] for w in ("cannot", "decoded", "truncated"))
     tables = {t for (t,) in con.execute("SHOW TABLES").fetchall()}
     assert {
         "histology_annotations",
@@ -77,6 +81,7 @@ def test_ingest_end_to_end(tmp_path, mini_mirror):
         "selected_slides",
         "raw_slides",
         "slide_quarantine",
+        "histology_rejected_rows",
     } <= tables
 
 
@@ -100,20 +105,81 @@ def test_rerun_is_idempotent_and_skips_done_slides(tmp_path, mini_mirror):
     )
 
 
-def test_bad_portal_csv_fails_with_row_and_keeps_previous_output(tmp_path, mini_mirror):
-    mirror, _, _ = mini_mirror
+def test_bad_portal_rows_are_rejected_and_queryable(tmp_path, mini_mirror):
+    mirror, ids, _ = mini_mirror
     root = tmp_path / "root"
     res = _resources(root, mirror)
-    dg.materialize(
-        [gtex_histology_annotations], resources=res, instance=dg.DagsterInstance.ephemeral()
-    )
-    before = (root / "tables" / "histology_annotations.parquet").read_bytes()
     with open(mirror / "GTEx Portal.csv", "a") as f:
         f.write('"GTEX-1117F/../x","Lung","GTEX-1117F","male","60-69","","",""\n')
-    with pytest.raises(
-        Exception, match=r"line 14: 'GTEX-1117F/\.\./x' is not a GTEx tissue sample id"
-    ):
-        dg.materialize(
-            [gtex_histology_annotations], resources=res, instance=dg.DagsterInstance.ephemeral()
+        f.write('"../../x","Lung","","","","","",""\n')
+    instance = dg.DagsterInstance.ephemeral()
+    r = dg.materialize(
+        [gtex_histology_annotations, duckdb_catalog], resources=res, instance=instance
+    )
+    assert r.success
+    ann = pd.read_parquet(root / "tables" / "histology_annotations.parquet")
+    assert list(ann["tissue_sample_id"]) == ids  # the 12 good rows go on
+    md = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in r.get_asset_materialization_events()
+    }
+    assert md["histology_annotations"]["rejected_rows"].value == 2
+    assert md["histology_rejected_rows"]["dagster/row_count"].value == 2
+    warnings = [e.message for e in instance.all_logs(r.run_id) if e.level == logging.WARNING]
+    assert any("2 row(s) rejected" in w for w in warnings)
+    con = duckdb.connect(str(root / "gtex.duckdb"), read_only=True)
+    rows = con.execute(
+        "SELECT line, raw_id, reason FROM histology_rejected_rows ORDER BY line"
+    ).fetchall()
+    assert [(line, raw) for line, raw, _ in rows] == [(14, "GTEX-1117F/../x"), (15, "../../x")]
+    assert "line 14: 'GTEX-1117F/../x' is not a GTEx tissue sample id" in rows[0][2]
+    assert not (root / "x").exists() and not (tmp_path / "x").exists()
+
+
+def test_slide_without_mpp_quarantined_then_override_and_fallback(tmp_path, mini_mirror):
+    """The MPP policy through Dagster: none -> quarantined naming the three fixes; an override
+    row -> ok with mpp_source override; a configured fallback -> ok with mpp_source fallback."""
+    from gtex_assets.lib.synth.hard import write_jp2k_slide
+
+    mirror, ids, _ = mini_mirror
+    root = tmp_path / "root"
+    res = _resources(root, mirror)
+    no_mpp, other = ids[0], ids[1]
+    for sid in (no_mpp, other):
+        write_jp2k_slide(mirror / "slides" / f"{sid}.svs", size=(1024, 768), seed=1)
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(ASSETS[:3], resources=res, instance=instance).success
+    tags = {
+        "dagster/asset_partition_range_start": no_mpp,
+        "dagster/asset_partition_range_end": other,
+    }
+
+    def run(cfg=None):
+        r = dg.materialize(
+            [raw_slides], resources=res, instance=instance, tags=tags, run_config=cfg
         )
-    assert (root / "tables" / "histology_annotations.parquet").read_bytes() == before
+        assert r.success
+        return {
+            sid: pd.read_parquet(root / "tables" / "raw_slides" / f"{sid}.parquet").iloc[0]
+            for sid in (no_mpp, other)
+        }, r
+
+    rows, r = run()
+    for sid in (no_mpp, other):
+        assert rows[sid]["status"] == "quarantined"
+        reason = rows[sid]["reason"]
+        assert "no resolution (MPP)" in reason and "mpp_overrides.csv" in reason
+        assert "fallback_mpp" in reason and "re-export" in reason
+    events = {e.partition: e.materialization.metadata for e in r.get_asset_materialization_events()}
+    assert events[no_mpp]["status"].value == "quarantined"  # per-slide metadata
+
+    (root / "mpp_overrides.csv").write_text(f"tissue_sample_id,mpp\n{no_mpp},0.2520\n../x,0.5\n")
+    rows, _ = run()
+    assert rows[no_mpp]["status"] == "ok" and rows[no_mpp]["mpp_source"] == "override"
+    assert rows[no_mpp]["mpp_x"] == pytest.approx(0.252)
+    assert rows[other]["status"] == "quarantined"
+
+    cfg = {"ops": {"raw_slides": {"config": {"fallback_mpp": 0.5}}}}
+    rows, _ = run(cfg)
+    assert rows[other]["status"] == "ok" and rows[other]["mpp_source"] == "fallback"
+    assert rows[other]["mpp_x"] == 0.5 and rows[no_mpp]["mpp_source"] == "override"

@@ -1,53 +1,96 @@
-"""Ingest: GTEx annotations, the slide selection, and the raw slides (group ``ingest``)."""
-
-from concurrent.futures import ThreadPoolExecutor
+"""Ingest: GTEx annotations, the slide selection, and the raw slides (group ``ingest``).
+Science in ``lib/ingest`` (portal CSV, selection) and ``lib/slides`` (fetch, inspect, MPP)."""
 
 import dagster as dg
-import pandas as pd
-import pyarrow.parquet as pq
+import polars as pl
 from pydantic import Field
 
 from gtex_assets.core.atomic import write_parquet
-from gtex_assets.core.ids import InvalidSampleIdError
-from gtex_assets.defs.metadata import counts_md, table_metadata
+from gtex_assets.defs.metadata import counts_md, input_failure, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
-from gtex_assets.lib.ingest.portal_csv import parse_portal_csv
+from gtex_assets.defs.table_specs import table_spec, table_spec_metadata
+from gtex_assets.lib.ingest.portal_csv import (
+    ANNOTATIONS_SCHEMA,
+    REJECTED_SCHEMA,
+    PortalCSVError,
+    read_portal_csv,
+    tissue_lookup,
+)
+from gtex_assets.lib.ingest.sample_attributes import (
+    COLUMNS as ATTRIBUTE_COLUMNS,
+)
 from gtex_assets.lib.ingest.sample_attributes import (
     attributes_from_gct_header,
     parse_sample_attributes,
 )
 from gtex_assets.lib.ingest.selection import select_slides
 from gtex_assets.lib.ingest.sources import Kind, SourceError
-from gtex_assets.lib.slides.raw import RAW_SLIDE_COLUMNS, fetch_and_inspect, rows_to_table
+from gtex_assets.lib.slides.mpp import DEFAULT_OVERRIDES_FILE, MppPolicy, load_overrides
+from gtex_assets.lib.slides.raw import RAW_SLIDE_SCHEMA, inspect_slides, rows_to_table
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 GROUP = "ingest"
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "parquet"})
+@dg.multi_asset(
+    name="histology_annotations",
+    group_name=GROUP,
+    specs=[
+        table_spec(
+            "histology_annotations", ANNOTATIONS_SCHEMA, kinds={"python", "parquet"},
+            description="The GTEx Portal histology CSV, parsed: one row per tissue sample with "
+            "its tissue, donor, sex, age bracket, Hardy scale and pathology notes.",
+        ),
+        table_spec(
+            "histology_rejected_rows", REJECTED_SCHEMA, kinds={"python", "parquet"},
+            description="Rows of GTEx Portal.csv left out (malformed or repeated id, empty "
+            "tissue, donor mismatch): line number, raw id and reason.",
+        ),
+    ],
+)  # fmt: skip
 def gtex_histology_annotations(
     context: dg.AssetExecutionContext, lake: DataLakeResource, gtex_source: GTExSourceResource
-) -> dg.MaterializeResult:
-    """The GTEx Portal histology CSV, parsed: one row per tissue sample with its tissue,
-    donor, sex, age bracket, Hardy scale and pathology notes (columns snake-cased)."""
+):
+    """The portal CSV's valid rows, and its rejected rows with line and reason (a bad row never
+    stops the others)."""
     lk, src = lake.lake(), gtex_source.spec()
     csv_path = src.fetch(Kind.HISTOLOGY, lk.raw)
-    df = parse_portal_csv(csv_path)
-    out = write_parquet(df, lk.table("histology_annotations"))
-    context.log.info(f"{len(df)} samples, {df['tissue'].nunique()} tissues from {csv_path}")
-    return dg.MaterializeResult(
+    try:
+        parsed = read_portal_csv(csv_path)
+    except PortalCSVError as e:
+        raise input_failure(e) from None
+    ann, rejected = parsed.annotations, parsed.rejected
+    out = write_parquet(ann.to_arrow(), lk.table("histology_annotations"))
+    rej = write_parquet(rejected.to_arrow(), lk.table("histology_rejected_rows"))
+    if rejected.height:
+        context.log.warning(f"{csv_path}: {parsed.rejection_summary()}")
+    context.log.info(f"{ann.height} samples, {ann['tissue'].n_unique()} tissues from {csv_path}")
+    version = dg.DataVersion(src.version(Kind.HISTOLOGY, raw_dir=lk.raw))
+    yield dg.MaterializeResult(
+        asset_key="histology_annotations",
         metadata={
-            **table_metadata(df, out),
-            "tissues": dg.MetadataValue.int(int(df["tissue"].nunique())),
-            "donors": dg.MetadataValue.int(int(df["subject_id"].nunique())),
-            "samples_per_tissue": counts_md(df["tissue"], "samples"),
+            **table_metadata(ann, out),
+            "rejected_rows": dg.MetadataValue.int(rejected.height),
+            "tissues": dg.MetadataValue.int(ann["tissue"].n_unique()),
+            "donors": dg.MetadataValue.int(ann["subject_id"].n_unique()),
+            "samples_per_tissue": counts_md(ann["tissue"], "samples"),
             "source": dg.MetadataValue.text(str(csv_path)),
         },
-        data_version=dg.DataVersion(src.version(Kind.HISTOLOGY, raw_dir=lk.raw)),
+        data_version=version,
+    )
+    yield dg.MaterializeResult(
+        asset_key="histology_rejected_rows",
+        metadata=table_metadata(rejected, rej),
+        data_version=version,
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "parquet"})
+@dg.asset(
+    name="sample_attributes",
+    group_name=GROUP,
+    kinds={"python", "parquet"},
+    metadata=table_spec_metadata("sample_attributes", dict.fromkeys(ATTRIBUTE_COLUMNS, pl.String)),
+)
 def gtex_sample_attributes(
     context: dg.AssetExecutionContext, lake: DataLakeResource, gtex_source: GTExSourceResource
 ) -> dg.MaterializeResult:
@@ -85,10 +128,14 @@ class SelectionConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the tie-breaking order")
 
 
+SELECTED_SCHEMA = {**ANNOTATIONS_SCHEMA, "has_rna": pl.Boolean, "rank_in_tissue": pl.Int64}
+
+
 @dg.asset(
     group_name=GROUP,
     kinds={"python", "parquet"},
-    deps=[gtex_histology_annotations, gtex_sample_attributes],
+    deps=["histology_annotations", "sample_attributes"],
+    metadata=table_spec_metadata("selected_slides", SELECTED_SCHEMA),
 )
 def selected_slides(
     context: dg.AssetExecutionContext, config: SelectionConfig, lake: DataLakeResource
@@ -96,22 +143,22 @@ def selected_slides(
     """SPEC §1: N slides per tissue (50 default), preferring samples with expression; tissues
     with fewer slides take all. Adds each chosen sample id as a `slides` partition."""
     lk = lake.lake()
-    ann = pd.read_parquet(lk.table("histology_annotations"))
-    attrs = pd.read_parquet(lk.table("sample_attributes"))
+    ann = pl.read_parquet(lk.table("histology_annotations"))
+    rna = pl.read_parquet(lk.table("sample_attributes"), columns=["tissue_sample_id"])
     sel = select_slides(
         ann,
-        set(attrs["tissue_sample_id"].dropna()),
+        set(rna["tissue_sample_id"].drop_nulls().to_list()),
         slides_per_tissue=config.slides_per_tissue,
         tissues=config.tissues or None,
         prefer_rna=config.prefer_rna,
         seed=config.seed,
     )
-    out = write_parquet(sel, lk.table("selected_slides"))
+    out = write_parquet(sel.to_arrow(), lk.table("selected_slides"))
     existing = set(context.instance.get_dynamic_partitions(slide_partitions.name))
-    new = [s for s in sel["tissue_sample_id"] if s not in existing]
+    new = [s for s in sel["tissue_sample_id"].to_list() if s not in existing]
     if new:
         context.instance.add_dynamic_partitions(slide_partitions.name, new)
-    context.log.info(f"selected {len(sel)} slides; {len(new)} new slide partitions")
+    context.log.info(f"selected {sel.height} slides; {len(new)} new slide partitions")
     return dg.MaterializeResult(
         metadata={
             **table_metadata(sel, out),
@@ -123,7 +170,23 @@ def selected_slides(
 
 
 class RawSlidesConfig(dg.Config):
+    """Fetching, and the MPP policy of ``lib/slides/mpp.py``: description, else override
+    table, else fallback (off)."""
+
     workers: int = Field(default=4, description="Parallel downloads/inspections within a run")
+    mpp_overrides: str = Field(
+        default=MppPolicy.overrides_path,
+        description="Per-slide MPP table (CSV/Parquet: tissue_sample_id,mpp) for slides whose "
+        f"description has none; relative to the data root (default {DEFAULT_OVERRIDES_FILE})",
+    )
+    fallback_mpp: float | None = Field(
+        default=MppPolicy.fallback_mpp,
+        description="MPP assumed for a slide with neither (e.g. 0.5 for GTEx 20x); unset = "
+        "such a slide is quarantined",
+    )
+
+    def policy(self) -> MppPolicy:
+        return MppPolicy(overrides_path=self.mpp_overrides, fallback_mpp=self.fallback_mpp)
 
 
 @dg.asset(
@@ -132,7 +195,8 @@ class RawSlidesConfig(dg.Config):
     partitions_def=slide_partitions,
     backfill_policy=SLIDE_BATCH,
     deps=[selected_slides],
-    code_version="1",
+    code_version="2",
+    metadata=table_spec_metadata("raw_slides", RAW_SLIDE_SCHEMA),
 )
 def raw_slides(
     context: dg.AssetExecutionContext,
@@ -141,54 +205,39 @@ def raw_slides(
     gtex_source: GTExSourceResource,
 ) -> dg.MaterializeResult:
     """Each selected slide fetched (downloaded resumably, or used in place from a local mirror),
-    verified and opened with slideio: dimensions, MPP, magnification, pyramid levels. A slide
-    that will not open is quarantined with the reason (status column), not a failed run."""
-    lk, src = lake.lake(), gtex_source.spec()
-    tissue_of = _tissue_lookup(lk)
-    keys = list(context.partition_keys)
+    verified and opened: dimensions, MPP (with its source), magnification, pyramid levels. A
+    slide that will not open, or has no MPP, is quarantined with the reason (status column),
+    not a failed run. One row per slide in `tables/raw_slides/<id>.parquet`."""
+    lk, src, policy = lake.lake(), gtex_source.spec(), config.policy()
+    overrides = load_overrides(policy.overrides_file(lk.root))
+    for problem in overrides.problems:
+        context.log.warning(f"MPP override left out: {problem}")
+    results = inspect_slides(
+        src, list(context.partition_keys), lk, tissue_lookup(lk.table("histology_annotations")),
+        overrides=overrides, policy=policy, workers=config.workers,
+    )  # fmt: skip
+    for row, changed in results:
+        sid = row["tissue_sample_id"]
+        if changed:
+            write_parquet(rows_to_table([row]), lk.partition_table("raw_slides", sid))
+        if row["status"] != "ok":
+            context.log.warning(f"slide {sid} quarantined: {row['reason']}")
+        context.add_asset_metadata(_slide_metadata(row), partition_key=sid)
+    n_ok = sum(r["status"] == "ok" for r, _ in results)
+    context.log.info(f"{n_ok} of {len(results)} slides ok")
+    return dg.MaterializeResult()
 
-    def one(sample_id: str) -> dict:
-        try:
-            part = lk.partition_table("raw_slides", sample_id)
-        except InvalidSampleIdError as e:
-            # Never turn a malformed key into a path; report it in the run's metadata.
-            return {"tissue_sample_id": sample_id, "status": "quarantined", "reason": str(e)}
-        prev = pq.read_table(part).to_pylist()[0] if _safe_is_file(part) else None
-        row = fetch_and_inspect(
-            src, sample_id, tissue_of.get(sample_id), lk.raw, lk.quarantine, previous=prev
-        )
-        if row is not prev:
-            write_parquet(rows_to_table([row]), part)
-        return row
 
-    with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
-        rows = pd.DataFrame(list(pool.map(one, keys)), columns=RAW_SLIDE_COLUMNS)
-    bad = rows[rows["status"] != "ok"]
-    for _, r in bad.iterrows():
-        context.log.warning(f"slide {r['tissue_sample_id']} quarantined: {r['reason']}")
-    return dg.MaterializeResult(
-        metadata={
-            "slides": dg.MetadataValue.int(len(rows)),
-            "ok": dg.MetadataValue.int(int((rows["status"] == "ok").sum())),
-            "quarantined": dg.MetadataValue.int(len(bad)),
-            "quarantine_reasons": dg.MetadataValue.md(
-                bad[["tissue_sample_id", "reason"]].to_markdown(index=False) if len(bad) else "none"
-            ),
-            "table": dg.MetadataValue.path(str(lk.partition_dir("raw_slides"))),
+def _slide_metadata(row: dict) -> dict[str, dg.MetadataValue]:
+    md = {
+        "status": dg.MetadataValue.text(row["status"]),
+        "reason": dg.MetadataValue.text(row.get("reason") or ""),
+        "mpp_source": dg.MetadataValue.text(row.get("mpp_source") or "none"),
+    }
+    if row["status"] == "ok":
+        md |= {
+            "mpp": dg.MetadataValue.float(float(row["mpp_x"])),
+            "size_px": dg.MetadataValue.text(f"{row['width']}x{row['height']}"),
+            "file_bytes": dg.MetadataValue.int(int(row["file_bytes"])),
         }
-    )
-
-
-def _safe_is_file(p) -> bool:
-    try:
-        return p.is_file()
-    except OSError:
-        return False
-
-
-def _tissue_lookup(lk) -> dict[str, str]:
-    path = lk.table("histology_annotations")
-    if not path.is_file():
-        return {}
-    ann = pd.read_parquet(path, columns=["tissue_sample_id", "tissue"])
-    return dict(zip(ann["tissue_sample_id"], ann["tissue"], strict=True))
+    return md

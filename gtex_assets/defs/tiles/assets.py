@@ -1,42 +1,44 @@
 """Tiles: tissue tiling, the three quality filters and the balanced donor-split sample
-(group ``tiles``; SPEC §2-§4). Science in ``lib/tiling``, ``lib/tile_quality``, ``lib/sampling``."""
+(group ``tiles``; SPEC §2-§4). Science in ``lib/tiles`` (tiling, quality, sampling)."""
 
 import os
-import time
 
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
-from gtex_assets.core.atomic import params_hash, write_parquet
-from gtex_assets.core.ids import InvalidSampleIdError, subject_of
+from gtex_assets.core.atomic import write_parquet
 from gtex_assets.defs.ingest.assets import raw_slides, selected_slides
-from gtex_assets.defs.metadata import counts_md, plot_metadata, table_metadata
+from gtex_assets.defs.metadata import plot_metadata, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
+from gtex_assets.defs.table_specs import table_spec
+from gtex_assets.lib.ingest.portal_csv import tissue_lookup
+from gtex_assets.lib.slides.raw import previous_row
 from gtex_assets.lib.tiles.plots import filter_montage, pick_examples
 from gtex_assets.lib.tiles.quality import (
     DEFAULT_DIRT_RULE,
     DEFAULT_MIN_CHANNEL_STD,
     DEFAULT_MIN_JPEG_BYTES,
     DEFAULT_MIN_PIECE_STD,
+    VERDICTS,
     QualityThresholds,
-    apply_filters,
+    judge_slide,
     verdict_counts,
     verdict_sql,
 )
 from gtex_assets.lib.tiles.sampling import (
-    SAMPLE_COLUMNS,
-    assign_split,
-    balanced_sample,
-    donor_split,
-    donor_split_table,
+    DONOR_SPLIT_SCHEMA,
+    SAMPLE_SCHEMA,
+    build_sample,
     donors_on_both_sides,
+    read_filtered,
 )
 from gtex_assets.lib.tiles.tiling import (
+    TILE_INDEX_SCHEMA,
     TILER_VERSION,
-    SlideJob,
+    TILING_STATUS_SCHEMA,
     TilingParams,
-    record_outcome,
+    plan_jobs,
     tile_slides,
 )
 from gtex_assets.resources import DataLakeResource
@@ -56,22 +58,43 @@ def _md(df: pd.DataFrame, empty: str = "none") -> dg.MetadataValue:
 
 
 # ----------------------------------------------------------------------------------------------
-# slide_tiles
+# slide_tiles (+ tiling_status)
 # ----------------------------------------------------------------------------------------------
+
+_TP = TilingParams()
 
 
 class SlideTilesConfig(dg.Config):
-    """SPEC §2 tiling parameters (a change re-tiles the slides it touches)."""
+    """SPEC §2 tiling parameters (a change re-tiles the slides it touches); defaults from
+    ``lib.tiles.tiling.TilingParams``."""
 
-    tile_size: int = Field(default=448, description="Tile side in level-0 pixels")
-    jpeg_quality: int = Field(default=90, description="JPEG quality of the written tiles")
+    tile_size: int = Field(default=_TP.tile_size, description="Tile side in output pixels")
+    target_mpp: float = Field(
+        default=_TP.target_mpp,
+        description="µm per tile pixel: a tile covers tile_size x target_mpp µm whatever the "
+        "scan (a 40x slide reads twice the pixels, from a matching level or resized)",
+    )
+    mpp_tolerance: float = Field(
+        default=_TP.mpp_tolerance,
+        description="Relative MPP difference within which a pyramid level is read as is",
+    )
+    max_corrupt_share: float = Field(
+        default=_TP.max_corrupt_share,
+        description="Quarantine a slide when more than this share of its tissue tiles is "
+        "unreadable (per-tile errors are always recorded)",
+    )
+    jpeg_quality: int = Field(default=_TP.jpeg_quality, description="JPEG quality of the tiles")
     min_tissue_fraction: float = Field(
-        default=0.25, description="Keep a grid tile when this fraction of it is tissue (mask)"
+        default=_TP.min_tissue_fraction,
+        description="Keep a grid tile when this fraction of it is tissue (mask)",
     )
     piece_grid: int = Field(
-        default=4, description="Pieces per side measured for the half-empty filter (4 = 4x4)"
+        default=_TP.piece_grid,
+        description="Pieces per side measured for the half-empty filter (4 = 4x4)",
     )
-    mask_downsample: float = Field(default=16.0, description="Level-0 pixels per tissue-mask pixel")
+    mask_downsample: float = Field(
+        default=_TP.mask_downsample, description="Level-0 pixels per tissue-mask pixel"
+    )
     workers: int = Field(
         default=0, description="Worker processes within the run; 0 = all available cores"
     )
@@ -81,128 +104,81 @@ class SlideTilesConfig(dg.Config):
 
     def params(self) -> TilingParams:
         return TilingParams(
-            tile_size=self.tile_size,
-            jpeg_quality=self.jpeg_quality,
-            min_tissue_fraction=self.min_tissue_fraction,
-            piece_grid=self.piece_grid,
-            mask_downsample=self.mask_downsample,
-        )
+            tile_size=self.tile_size, jpeg_quality=self.jpeg_quality,
+            min_tissue_fraction=self.min_tissue_fraction, piece_grid=self.piece_grid,
+            mask_downsample=self.mask_downsample, target_mpp=self.target_mpp,
+            mpp_tolerance=self.mpp_tolerance, max_corrupt_share=self.max_corrupt_share,
+        )  # fmt: skip
 
 
-def _raw_row(lk, sample_id: str) -> dict | None:
-    path = lk.partition_table("raw_slides", sample_id)
-    if not path.is_file():
-        return None
-    return pd.read_parquet(path).iloc[0].to_dict()
-
-
-def _tissue_lookup(lk) -> dict[str, str]:
-    path = lk.table("histology_annotations")
-    if not path.is_file():
-        return {}
-    ann = pd.read_parquet(path, columns=["tissue_sample_id", "tissue"])
-    return dict(zip(ann["tissue_sample_id"], ann["tissue"], strict=True))
-
-
-@dg.asset(
+@dg.multi_asset(
+    name="slide_tiles",
     group_name=GROUP,
-    kinds={"python", "jpeg", "parquet"},
     partitions_def=slide_partitions,
     backfill_policy=SLIDE_BATCH,
-    deps=[raw_slides],
     code_version=TILER_VERSION,
-)
+    specs=[
+        table_spec(
+            "slide_tiles", TILE_INDEX_SCHEMA, deps=[raw_slides], kinds={"python", "jpeg", "parquet"},
+            description="SPEC §2: each ok raw slide cut into non-overlapping 448 px JPEG tiles of "
+            "224 µm (target_mpp 0.5) over tissue only, under tiles/<id>/<x>_<y>.jpg; per tile its "
+            "level-0 x, y, read level and size, MPP, JPEG bytes and quality statistics.",
+        ),
+        table_spec(
+            "tiling_status", TILING_STATUS_SCHEMA, deps=[raw_slides], kinds={"python", "parquet"},
+            description="One row per slide: ok / no_tissue / too_small / quarantined (raw slide "
+            "or too many unreadable tiles) / unreadable / failed, with the reason and counts.",
+        ),
+    ],
+)  # fmt: skip
 def slide_tiles(
     context: dg.AssetExecutionContext, config: SlideTilesConfig, lake: DataLakeResource
-) -> dg.MaterializeResult:
-    """SPEC §2: each `ok` raw slide cut at level 0 into non-overlapping 448 x 448 JPEG tiles over
-    tissue only (mask from a low-resolution level, so background is never read at full
-    resolution), written under `tiles/<sample id>/<x>_<y>.jpg`. Per slide: a tile index
-    `tables/slide_tiles/<id>.parquet` (coordinates, path, JPEG bytes and the quality statistics
-    measured in memory) and an outcome row `tables/tiling_status/<id>.parquet` (ok / no_tissue /
-    too_small / unreadable / quarantined, with the reason). Resumable after a kill; a slide done
-    with the same parameters is skipped."""
-    lk = lake.lake()
-    params = config.params()
-    tissue_of = _tissue_lookup(lk)
-    jobs: list[SlideJob] = []
-    outcomes: list[dict] = []
-    for sid in context.partition_keys:
-        try:
-            tiles_dir = lk.slide_tiles(sid)
-        except InvalidSampleIdError as e:
-            outcomes.append({"tissue_sample_id": sid, "status": "invalid_id", "reason": str(e)})
-            continue
-        raw = _raw_row(lk, sid)
-        tissue = (raw or {}).get("tissue") or tissue_of.get(sid) or ""
-        job = SlideJob(
-            sample_id=sid,
-            tissue=tissue,
-            slide_path=str((raw or {}).get("path") or ""),
-            tiles_dir=tiles_dir,
-            index_path=lk.partition_table("slide_tiles", sid),
-            status_path=lk.partition_table("tiling_status", sid),
-            slide_version=str((raw or {}).get("source_version") or ""),
-        )
-        if raw is None:
-            out = record_outcome(job, "missing", "no raw_slides row: materialise raw_slides first")
-            outcomes.append(out.status)
-        elif raw.get("status") != "ok":
-            reason = f"raw slide quarantined: {raw.get('reason')}"
-            outcomes.append(record_outcome(job, "quarantined", reason).status)
-        else:
-            jobs.append(job)
+):
+    """Tiles over tissue only (mask from a low-resolution level, so background is never read at
+    full resolution), resumable after a kill; a slide done with the same parameters is skipped."""
+    lk, params = lake.lake(), config.params()
+    jobs, outcomes = plan_jobs(
+        list(context.partition_keys), lk, tissue_lookup(lk.table("histology_annotations"))
+    )
     workers = config.workers or _cores()
-    started = time.perf_counter()
-    new_tiles = 0
-    skipped = 0
-    per_tissue: list[pd.DataFrame] = []
+    skipped: set[str] = set()
     for job, out in tile_slides(jobs, params, workers=workers, force=config.force):
-        st = out.status
-        outcomes.append(st)
-        per_tissue.append(out.index[["tissue", "status"]])
+        outcomes.append(out.status)
         if out.skipped:
-            skipped += 1
-        else:
-            new_tiles += int(st.get("n_tiles") or 0)
-            context.log.info(
-                f"{job.sample_id}: {st['status']} {st.get('n_tiles', 0)} tiles"
-                + (f" ({st['reason']})" if st.get("reason") else "")
-                + f" in {st.get('seconds', 0):.1f}s"
+            skipped.add(job.sample_id)
+        elif out.status["status"] != "ok":
+            context.log.warning(
+                f"slide {job.sample_id}: {out.status['status']}: {out.status['reason']}"
             )
-        if st["status"] not in ("ok",):
-            context.log.warning(f"slide {job.sample_id}: {st['status']}: {st.get('reason')}")
-    elapsed = time.perf_counter() - started
-    table = pd.DataFrame(outcomes)
-    tiles = (
-        pd.concat(per_tissue, ignore_index=True)
-        if per_tissue
-        else pd.DataFrame(columns=["tissue", "status"])
+    for st in outcomes:
+        if st["tissue_sample_id"] in context.partition_keys:
+            md = {**_tiling_metadata(st), "skipped_already_done": st["tissue_sample_id"] in skipped}
+            context.add_asset_metadata(
+                md, asset_key="slide_tiles", partition_key=st["tissue_sample_id"]
+            )
+            context.add_asset_metadata(
+                md, asset_key="tiling_status", partition_key=st["tissue_sample_id"]
+            )
+    context.log.info(
+        f"{len(outcomes)} slides, {sum(int(o.get('n_tiles') or 0) for o in outcomes)} tiles"
     )
-    ok_tiles = tiles[tiles["status"] == "ok"]
-    not_ok = table[table["status"] != "ok"] if len(table) else table
-    return dg.MaterializeResult(
-        metadata={
-            "slides": dg.MetadataValue.int(len(table)),
-            "skipped_already_done": dg.MetadataValue.int(skipped),
-            "outcomes": counts_md(table["status"], "slides") if len(table) else _md(table),
-            "not_tiled": _md(not_ok[["tissue_sample_id", "status", "reason"]])
-            if len(not_ok)
-            else _md(not_ok),
-            "tiles": dg.MetadataValue.int(len(ok_tiles)),
-            "error_tiles": dg.MetadataValue.int(int((tiles["status"] == "error").sum())),
-            "tiles_per_tissue": counts_md(ok_tiles["tissue"], "tiles")
-            if len(ok_tiles)
-            else _md(ok_tiles),
-            "new_tiles_per_s": dg.MetadataValue.float(
-                round(new_tiles / elapsed, 1) if elapsed > 0 else 0.0
-            ),
-            "workers": dg.MetadataValue.int(workers),
-            "params_hash": dg.MetadataValue.text(params.hash()),
-            "index": dg.MetadataValue.path(str(lk.partition_dir("slide_tiles"))),
-            "status_table": dg.MetadataValue.path(str(lk.partition_dir("tiling_status"))),
-        }
-    )
+    yield dg.MaterializeResult(asset_key="slide_tiles", metadata={"params_hash": params.hash()})
+    yield dg.MaterializeResult(asset_key="tiling_status")
+
+
+def _tiling_metadata(st: dict) -> dict:
+    md = {
+        "status": dg.MetadataValue.text(str(st["status"])),
+        "reason": dg.MetadataValue.text(str(st.get("reason") or "")),
+        "tiles": dg.MetadataValue.int(int(st.get("n_tiles") or 0)),
+        "error_tiles": dg.MetadataValue.int(int(st.get("n_errors") or 0)),
+    }
+    if st.get("mpp") is not None:
+        md["mpp"] = dg.MetadataValue.float(float(st["mpp"]))
+        md["read"] = dg.MetadataValue.text(
+            f"level {st.get('read_level')}: {st.get('read_px')} px -> {st.get('footprint_px')} level-0 px"
+        )
+    return md
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,18 +221,6 @@ class TileFilterConfig(dg.Config):
         )
 
 
-def _filter_metadata(filtered: pd.DataFrame, png, thresholds: QualityThresholds) -> dict:
-    counts = verdict_counts(filtered)
-    return {
-        "verdicts": _md(counts),
-        "verdicts_per_tissue": _md(verdict_counts(filtered, by="tissue")),
-        "kept": dg.MetadataValue.int(int((filtered["verdict"] == "kept").sum())),
-        "montage": plot_metadata(png) if png is not None else dg.MetadataValue.text("no tiles"),
-        "thresholds": dg.MetadataValue.json(thresholds.as_dict()),
-        "retune_sql": dg.MetadataValue.md(f"```sql\n{verdict_sql(thresholds)}\n```"),
-    }
-
-
 def _montage(lk, filtered: pd.DataFrame, name: str, per_verdict: int, title: str, thresholds=None):
     ok = filtered[filtered["status"] == "ok"]
     if ok.empty:
@@ -273,8 +237,9 @@ def _montage(lk, filtered: pd.DataFrame, name: str, per_verdict: int, title: str
     kinds={"python", "parquet"},
     partitions_def=slide_partitions,
     backfill_policy=SLIDE_BATCH,
-    deps=[slide_tiles],
-    code_version="1",
+    deps=["slide_tiles", "tiling_status"],
+    code_version="2",
+    metadata={"dagster/table_name": "filtered_tiles"},
 )
 def filtered_tiles(
     context: dg.AssetExecutionContext, config: TileFilterConfig, lake: DataLakeResource
@@ -284,56 +249,45 @@ def filtered_tiles(
     channel nearly flat over the tile (`dirt`) — else `kept` (`error` = unreadable pixels).
     Reads the measurements stored by `slide_tiles` (no pixels are re-read), so thresholds can be
     re-tuned cheaply, or in SQL over the `slide_tiles` view (see the `retune_sql` metadata).
-    Writes `tables/filtered_tiles/<id>.parquet` and a montage of example tiles per verdict."""
-    lk = lake.lake()
-    thresholds = config.thresholds()
-    fhash = params_hash(thresholds.as_dict())
-    parts, missing = [], []
+    A slide not tiled `ok` contributes no tiles. Writes `tables/filtered_tiles/<id>.parquet`;
+    one montage of example tiles per verdict per run (an observation, not per slide)."""
+    lk, thresholds = lake.lake(), config.thresholds()
+    parts = []
     for sid in context.partition_keys:
-        try:
-            index_path = lk.partition_table("slide_tiles", sid)
-        except InvalidSampleIdError as e:
-            missing.append({"tissue_sample_id": sid, "reason": str(e)})
-            continue
+        index_path = lk.partition_table("slide_tiles", sid)
         if not index_path.is_file():
-            missing.append({"tissue_sample_id": sid, "reason": "no tile index (slide not tiled)"})
+            context.log.warning(f"slide {sid}: no tile index (slide not tiled)")
             continue
-        out = apply_filters(pd.read_parquet(index_path), thresholds)
-        out["filter_hash"] = fhash
+        status = previous_row(lk.partition_table("tiling_status", sid)) or {}
+        out = judge_slide(pd.read_parquet(index_path), status.get("status"), thresholds)
         write_parquet(out, lk.partition_table("filtered_tiles", sid))
         parts.append(out)
-    for m in missing:
-        context.log.warning(f"slide {m['tissue_sample_id']}: {m['reason']}")
-    filtered = pd.concat(parts, ignore_index=True) if parts else None
-    if filtered is None or filtered.empty:
-        return dg.MaterializeResult(
-            metadata={
-                "tiles": dg.MetadataValue.int(0),
-                "slides_without_index": _md(pd.DataFrame(missing)),
-            }
-        )
-    keys = list(context.partition_keys)
-    name = (
-        f"tile_filter_montage_{keys[0]}.png"
-        if len(keys) == 1
-        else f"tile_filter_montage_{keys[0]}_{len(keys)}.png"
-    )
-    png = _montage(
-        lk, filtered, name, config.montage_examples, f"Tile filters: {len(parts)} slide(s)",
-        thresholds,
-    )  # fmt: skip
-    return dg.MaterializeResult(
-        metadata={
-            "tiles": dg.MetadataValue.int(len(filtered)),
-            **_filter_metadata(filtered, png, thresholds),
-            "slides_without_index": _md(pd.DataFrame(missing)),
-            "table": dg.MetadataValue.path(str(lk.partition_dir("filtered_tiles"))),
+        context.add_asset_metadata(_verdict_metadata(out), partition_key=sid)
+    filtered = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(filtered):
+        keys = list(context.partition_keys)
+        png = _montage(
+            lk, filtered, f"tile_filter_montage_{keys[0]}_{len(keys)}.png",
+            config.montage_examples, f"Tile filters: {len(parts)} slide(s)", thresholds,
+        )  # fmt: skip
+        md = {
+            "verdicts": _md(verdict_counts(filtered)),
+            "retune_sql": dg.MetadataValue.md(f"```sql\n{verdict_sql(thresholds)}\n```"),
+            **({"montage": plot_metadata(png)} if png is not None else {}),
         }
+        context.log_event(dg.AssetObservation(asset_key="filtered_tiles", metadata=md))
+    return dg.MaterializeResult(
+        metadata={"thresholds": dg.MetadataValue.json(thresholds.as_dict())}
     )
+
+
+def _verdict_metadata(filtered: pd.DataFrame) -> dict:
+    counts = filtered["verdict"].value_counts().to_dict()
+    return {"tiles": len(filtered), **{f"verdict_{v}": int(counts.get(v, 0)) for v in VERDICTS}}
 
 
 # ----------------------------------------------------------------------------------------------
-# balanced_tile_sample
+# balanced_tile_sample (+ donor_split)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -356,120 +310,77 @@ class BalancedSampleConfig(dg.Config):
     montage_examples: int = Field(default=6, description="Example tiles per verdict in the montage")
 
 
-def _read_filtered(lk) -> pd.DataFrame:
-    d = lk.partition_dir("filtered_tiles")
-    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
-    if not files:
-        raise dg.Failure(
-            description=f"no filtered tiles under {d}: materialise slide_tiles and filtered_tiles first"
-        )
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-
-
-@dg.asset(
+@dg.multi_asset(
+    name="balanced_tile_sample",
     group_name=GROUP,
-    kinds={"python", "parquet"},
-    deps=[filtered_tiles, selected_slides],
     code_version="1",
-)
+    specs=[
+        table_spec(
+            "balanced_tile_sample", SAMPLE_SCHEMA,
+            deps=[filtered_tiles, selected_slides], kinds={"python", "parquet"},
+            description="SPEC §4: 100 kept tiles per slide (tissues with few slides take more, "
+            "toward 5,000 per tissue), drawn with a fixed seed, split train/test by donor; "
+            "absolute JPEG paths (the classifier's input).",
+        ),
+        table_spec(
+            "donor_split", DONOR_SPLIT_SCHEMA,
+            deps=[filtered_tiles, selected_slides], kinds={"python", "parquet"},
+            description="Train/test side of every donor (no donor on both sides), with its slides, "
+            "sampled tiles and tissues; reused by every later stage.",
+        ),
+    ],
+)  # fmt: skip
 def balanced_tile_sample(
     context: dg.AssetExecutionContext, config: BalancedSampleConfig, lake: DataLakeResource
-) -> dg.MaterializeResult:
-    """SPEC §4: 100 kept tiles per slide (tissues with few slides take more per slide toward
-    5,000 per tissue), drawn with a fixed seed, with a train/test split by donor (no donor on
-    both sides; every tissue with >= 2 donors has test slides). Writes
-    `tables/balanced_tile_sample.parquet` (absolute JPEG paths; the classifier's input) and the
-    split `tables/donor_split.parquet`, reused by every later stage."""
+):
+    """The balanced sample and the donor split (lib.tiles.sampling.build_sample)."""
     lk = lake.lake()
-    filtered = _read_filtered(lk)
     sel_path = lk.table("selected_slides")
-    if sel_path.is_file():
-        sel = pd.read_parquet(sel_path, columns=["tissue_sample_id", "subject_id", "tissue"])
-        stale = sorted(set(filtered["tissue_sample_id"]) - set(sel["tissue_sample_id"]))
-        if stale:
-            context.log.info(f"{len(stale)} tiled slides are no longer selected; left out")
-        filtered = filtered[filtered["tissue_sample_id"].isin(sel["tissue_sample_id"])]
-        subject = dict(zip(sel["tissue_sample_id"], sel["subject_id"], strict=True))
-    else:
-        subject = {}
-    filtered = filtered.assign(
-        subject_id=[subject.get(s) or subject_of(s) for s in filtered["tissue_sample_id"]]
+    selected = (
+        pd.read_parquet(sel_path, columns=["tissue_sample_id", "subject_id", "tissue"])
+        if sel_path.is_file()
+        else None
     )
-    slides = filtered.drop_duplicates("tissue_sample_id")[
-        ["tissue_sample_id", "subject_id", "tissue"]
-    ]
-    kept = filtered[filtered["verdict"] == "kept"]
-    with_tiles = slides[slides["tissue_sample_id"].isin(kept["tissue_sample_id"])]
-    split = donor_split(with_tiles, test_fraction=config.test_fraction, seed=config.seed)
-    # Donors whose slides have no kept tile still get a side (train) so the split covers all.
-    others = sorted(set(slides["subject_id"]) - set(split["subject_id"]))
-    split = pd.concat(
-        [split, pd.DataFrame({"subject_id": others, "split": "train"})], ignore_index=True
-    )
-    sample = balanced_sample(
-        kept,
-        tiles_per_slide=config.tiles_per_slide,
-        tissue_target=config.tissue_target,
-        seed=config.seed,
-        redistribute=config.redistribute_shortfall,
-        slides=slides,
-    )
-    sample = assign_split(sample, split)
-    sample["tile_id"] = (
-        sample["tissue_sample_id"] + "_" + sample["x"].astype(str) + "_" + sample["y"].astype(str)
-    )
-    sample = sample[SAMPLE_COLUMNS]
-    both = donors_on_both_sides(sample)
-    if both:  # impossible by construction; never write a leaky split
-        raise dg.Failure(description=f"donors on both sides of the split: {both[:10]}")
-    split_table = donor_split_table(split, slides, sample)
-    out = write_parquet(sample, lk.table("balanced_tile_sample"))
-    write_parquet(split_table, lk.table("donor_split"))
-
-    per_tissue = (
-        sample.groupby(["tissue", "split"])
-        .size()
-        .unstack(fill_value=0)
-        .reindex(columns=["train", "test"], fill_value=0)
-    )
-    per_tissue["tiles"] = per_tissue.sum(axis=1)
-    per_tissue["slides"] = sample.groupby("tissue")["tissue_sample_id"].nunique()
-    per_tissue["target"] = [
-        max(config.tissue_target, config.tiles_per_slide * int((slides["tissue"] == t).sum()))
-        for t in per_tissue.index
-    ]
-    short = per_tissue[per_tissue["tiles"] < per_tissue["target"]]
+    try:
+        filtered = read_filtered(lk.partition_dir("filtered_tiles"))
+        res = build_sample(
+            filtered, selected, tiles_per_slide=config.tiles_per_slide,
+            tissue_target=config.tissue_target, seed=config.seed,
+            redistribute=config.redistribute_shortfall, test_fraction=config.test_fraction,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:
+        raise dg.Failure(description=str(e)) from None
+    if res.left_out:
+        context.log.info(f"{len(res.left_out)} tiled slides are no longer selected; left out")
+    out = write_parquet(res.sample, lk.table("balanced_tile_sample"))
+    split_out = write_parquet(res.split_table, lk.table("donor_split"))
     png = _montage(
         lk, filtered, "tile_filter_montage.png", config.montage_examples,
         f"Tile filters: {filtered['tissue_sample_id'].nunique()} slides",
     )  # fmt: skip
-    return dg.MaterializeResult(
-        metadata={
-            **table_metadata(sample, out),
-            "tiles_per_tissue_and_split": _md(per_tissue.reset_index()),
-            "tissues_below_target": _md(short.reset_index(), "none"),
-            "donors": _md(
-                split_table.groupby("split")
-                .agg(
-                    donors=("subject_id", "size"),
-                    slides=("n_slides", "sum"),
-                    tiles=("n_tiles", "sum"),
-                )
-                .reset_index()
-            ),
-            "donors_on_both_sides": dg.MetadataValue.int(len(both)),
-            "test_tile_fraction": dg.MetadataValue.float(
-                round(float((sample["split"] == "test").mean()), 4) if len(sample) else 0.0
-            ),
-            "all_tiles_verdicts": _md(verdict_counts(filtered)),
-            "verdicts_per_tissue": _md(verdict_counts(filtered, by="tissue")),
-            "montage": plot_metadata(png) if png is not None else dg.MetadataValue.text("no tiles"),
-            "donor_split": dg.MetadataValue.path(str(lk.table("donor_split"))),
-        }
+    yield dg.MaterializeResult(
+        asset_key="balanced_tile_sample", metadata=_sample_metadata(res, filtered, png, out)
+    )
+    yield dg.MaterializeResult(
+        asset_key="donor_split", metadata=table_metadata(res.split_table, split_out)
     )
 
 
-@dg.asset_check(asset=balanced_tile_sample, blocking=True)
+def _sample_metadata(res, filtered: pd.DataFrame, png, path) -> dict:
+    short = res.per_tissue[res.per_tissue["tiles"] < res.per_tissue["target"]]
+    test = float((res.sample["split"] == "test").mean()) if len(res.sample) else 0.0
+    return {
+        **table_metadata(res.sample, path),
+        "tiles_per_tissue_and_split": _md(res.per_tissue),
+        "tissues_below_target": _md(short, "none"),
+        "test_tile_fraction": dg.MetadataValue.float(round(test, 4)),
+        "all_tiles_verdicts": _md(verdict_counts(filtered)),
+        "verdicts_per_tissue": _md(verdict_counts(filtered, by="tissue")),
+        "montage": plot_metadata(png) if png is not None else dg.MetadataValue.text("no tiles"),
+    }
+
+
+@dg.asset_check(asset="balanced_tile_sample", blocking=True)
 def balanced_sample_split_is_clean(lake: DataLakeResource) -> dg.AssetCheckResult:
     """No donor on both sides, every tile's JPEG exists, each (slide, x, y) at most once."""
     lk = lake.lake()

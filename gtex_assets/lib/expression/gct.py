@@ -64,6 +64,16 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _P10 = np.array([10.0**k for k in range(309)], dtype=np.float64)
 
 
+def _dims_advice(fixed_line: str) -> str:
+    """How to proceed when line 2 disagrees with the body (the file is cut short or edited)."""
+    return (
+        "Most often the file is truncated (an interrupted download or copy): delete it and "
+        "download it again (the source sensor or a re-materialisation of gene_log_tpm fetches "
+        "it). If the body is complete and was edited on purpose, correct line 2 to "
+        f"{fixed_line!r}; nothing was written from this file."
+    )
+
+
 class GCTError(InputError):
     """Malformed GCT input. The message names the file, line (and column) and the problem."""
 
@@ -521,7 +531,7 @@ def _parse_header(lines: _Lines, path: Path) -> GCTHeader:
     if len(samples) != n_samples:
         raise GCTError(
             f"{path}, line 2: declares {n_samples} samples but the header on line 3 has "
-            f"{len(samples)} sample columns",
+            f"{len(samples)} sample columns. {_dims_advice(f'<n_genes>{chr(9)}{len(samples)}')}",
             path=path,
             line=2,
         )
@@ -659,7 +669,8 @@ class GCTReader:
                     if line - FIRST_BODY_LINE + n > hdr.n_genes:
                         raise GCTError(
                             f"{path}, line 2: declares {hdr.n_genes} genes but the body has more "
-                            f"(line {FIRST_BODY_LINE + hdr.n_genes} is gene {hdr.n_genes + 1})",
+                            f"(line {FIRST_BODY_LINE + hdr.n_genes} is gene {hdr.n_genes + 1}). "
+                            + _dims_advice(f"<n_genes>{chr(9)}{hdr.n_samples}"),
                             path=path,
                             line=2,
                         )
@@ -683,7 +694,8 @@ class GCTReader:
         if n_body != hdr.n_genes:
             raise GCTError(
                 f"{path}, line 2: declares {hdr.n_genes} genes but the body has {n_body} gene rows "
-                f"(lines {FIRST_BODY_LINE}-{line - 1})",
+                f"(lines {FIRST_BODY_LINE}-{line - 1}). "
+                + _dims_advice(f"{n_body}{chr(9)}{hdr.n_samples}"),
                 path=path,
                 line=2,
             )

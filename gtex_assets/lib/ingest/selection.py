@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection, Sequence
 
-import pandas as pd
+import polars as pl
 
 
 def _rank_key(seed: int, sample_id: str) -> str:
@@ -14,14 +14,14 @@ def _rank_key(seed: int, sample_id: str) -> str:
 
 
 def select_slides(
-    annotations: pd.DataFrame,
+    annotations: pl.DataFrame,
     rna_sample_ids: Collection[str],
     *,
     slides_per_tissue: int = 50,
     tissues: Sequence[str] | None = None,
     prefer_rna: bool = True,
     seed: int = 0,
-) -> pd.DataFrame:
+) -> pl.DataFrame:
     """Pick ``slides_per_tissue`` slides per tissue; tissues with fewer take all of theirs.
 
     Samples with expression come first (when ``prefer_rna``), then a seeded hash order, so the
@@ -30,23 +30,31 @@ def select_slides(
     """
     if slides_per_tissue < 1:
         raise ValueError(f"slides_per_tissue must be >= 1, got {slides_per_tissue}")
-    df = annotations.copy()
+    df = annotations
     if tissues:
-        known = set(df["tissue"])
+        known = set(df["tissue"].to_list())
         unknown = sorted(set(tissues) - known)
         if unknown:
             raise ValueError(
                 f"tissue(s) {unknown} not in the histology annotations; known: {sorted(known)}"
             )
-        df = df[df["tissue"].isin(list(tissues))]
-    rna = set(rna_sample_ids)
-    df["has_rna"] = df["tissue_sample_id"].isin(rna)
-    df["_key"] = [_rank_key(seed, s) for s in df["tissue_sample_id"]]
-    sort_cols, ascending = ["tissue", "_key"], [True, True]
+        df = df.filter(pl.col("tissue").is_in(list(tissues)))
+    df = df.with_columns(
+        pl.col("tissue_sample_id").is_in(list(set(rna_sample_ids))).alias("has_rna"),
+        pl.col("tissue_sample_id")
+        .map_elements(lambda s: _rank_key(seed, s), return_dtype=pl.String)
+        .alias("_key"),
+    )
+    by, descending = ["tissue", "_key"], [False, False]
     if prefer_rna:
-        sort_cols.insert(1, "has_rna")
-        ascending.insert(1, False)
-    df = df.sort_values(sort_cols, ascending=ascending, kind="mergesort")
-    df["rank_in_tissue"] = df.groupby("tissue").cumcount()
-    out = df[df["rank_in_tissue"] < slides_per_tissue].drop(columns="_key")
-    return out.sort_values(["tissue", "rank_in_tissue"]).reset_index(drop=True)
+        by.insert(1, "has_rna")
+        descending.insert(1, True)
+    df = df.sort(by, descending=descending, maintain_order=True)
+    df = df.with_columns(
+        pl.int_range(pl.len()).over("tissue").cast(pl.Int64).alias("rank_in_tissue")
+    )
+    return (
+        df.filter(pl.col("rank_in_tissue") < slides_per_tissue)
+        .drop("_key")
+        .sort(["tissue", "rank_in_tissue"])
+    )

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gtex_assets.core.ids import InvalidSampleIdError, validate_sample_id
+from gtex_assets.core.lake import Lake
 from gtex_assets.lib.ingest.sources import GTExSource, Kind, SourceError
+from gtex_assets.lib.slides.mpp import (
+    DEFAULT_OVERRIDES_FILE,
+    DEFAULT_POLICY,
+    MppOverrides,
+    MppPolicy,
+    resolve_mpp,
+)
 from gtex_assets.lib.slides.reader import SlideReadError, inspect_slide
 
 # One fixed schema so that per-slide files of ok and quarantined slides union cleanly.
@@ -18,7 +29,8 @@ RAW_SLIDE_SCHEMA = pa.schema(
         ("tissue_sample_id", pa.string()), ("tissue", pa.string()), ("status", pa.string()),
         ("reason", pa.string()), ("path", pa.string()), ("source_version", pa.string()),
         ("width", pa.int64()), ("height", pa.int64()), ("mpp_x", pa.float64()),
-        ("mpp_y", pa.float64()), ("magnification", pa.float64()), ("levels", pa.int64()),
+        ("mpp_y", pa.float64()), ("mpp_source", pa.string()), ("description_mpp", pa.float64()),
+        ("magnification", pa.float64()), ("levels", pa.int64()),
         ("level_downsamples", pa.list_(pa.float64())), ("channels", pa.int64()),
         ("file_bytes", pa.int64()), ("fetched_at", pa.float64()),
     ]
@@ -39,12 +51,20 @@ def fetch_and_inspect(
     raw_dir: Path,
     quarantine_dir: Path,
     previous: dict | None = None,
+    *,
+    overrides: MppOverrides | None = None,
+    policy: MppPolicy = DEFAULT_POLICY,
 ) -> dict:
     """One row of the ``raw_slides`` table for ``sample_id``: status ``ok`` or ``quarantined``.
 
-    Skips the work when ``previous`` (the slide's last row) is ok and the source version is
-    unchanged. Never raises for bad slide data: the reason goes into the row.
+    ``mpp_x``/``mpp_y`` are the MPP chosen by the policy of :mod:`gtex_assets.lib.slides.mpp`
+    (``mpp_source`` says which; ``description_mpp`` is what the file itself says); a slide
+    without any is quarantined with the three fixes. Skips the work when ``previous`` (the
+    slide's last row) is ok, the source version is unchanged and the policy gives the same MPP
+    (``previous`` itself is returned). Never raises for bad slide data: the reason goes into
+    the row.
     """
+    overrides = overrides or MppOverrides(Path(DEFAULT_OVERRIDES_FILE), {})
     row: dict = dict.fromkeys(RAW_SLIDE_COLUMNS)
     row.update(tissue_sample_id=sample_id, tissue=tissue, fetched_at=time.time())
     try:
@@ -60,7 +80,9 @@ def fetch_and_inspect(
             and previous.get("source_version") == version
             and Path(previous.get("path") or "").is_file()
         ):
-            return previous
+            mpp = resolve_mpp(sample_id, previous.get("description_mpp"), overrides, policy)
+            if (mpp.mpp, mpp.source) == (previous.get("mpp_x"), previous.get("mpp_source")):
+                return previous
         path = source.fetch(Kind.SLIDE, raw_dir, sample_id)
         if version is None:
             version = _downloaded_version(path)
@@ -77,10 +99,57 @@ def fetch_and_inspect(
             os.replace(path, dest)
             row["path"] = str(dest)
         return {**row, "status": "quarantined", "reason": str(e)}
-    row.update(info.as_row(), status="ok", reason="")
+    row.update(info.as_row(), description_mpp=info.mpp_x)
+    mpp = resolve_mpp(sample_id, info.mpp_x, overrides, policy)
+    if mpp.mpp is None:
+        return {**row, "status": "quarantined", "reason": f"{path.name}: {mpp.reason}"}
+    # One MPP for both axes unless the description gives both (square pixels otherwise).
+    mpp_y = info.mpp_y if mpp.source == "description" and info.mpp_y else mpp.mpp
+    row.update(mpp_x=mpp.mpp, mpp_y=mpp_y, mpp_source=mpp.source, status="ok", reason="")
     return row
 
 
 def _downloaded_version(path: Path) -> str:
     st = path.stat()
     return f"size={st.st_size}"
+
+
+def previous_row(path: Path) -> dict | None:
+    """The slide's last ``raw_slides`` row, or None (absent or unreadable file)."""
+    try:
+        return pq.read_table(path).to_pylist()[0] if path.is_file() else None
+    except (OSError, IndexError, pa.ArrowException):
+        return None
+
+
+def inspect_slides(
+    source: GTExSource,
+    sample_ids: Sequence[str],
+    lake: Lake,
+    tissue_of: Mapping[str, str],
+    *,
+    overrides: MppOverrides | None = None,
+    policy: MppPolicy = DEFAULT_POLICY,
+    workers: int = 4,
+) -> list[tuple[dict, bool]]:
+    """``(row, changed)`` of :func:`fetch_and_inspect` for each id, ``workers`` at a time.
+
+    ``changed`` is False when the slide's stored row was reused (nothing to write). A malformed
+    id is quarantined without ever becoming a path.
+    """
+
+    def one(sample_id: str) -> tuple[dict, bool]:
+        try:
+            part = lake.partition_table("raw_slides", sample_id)
+        except InvalidSampleIdError as e:
+            row = {**dict.fromkeys(RAW_SLIDE_COLUMNS), "tissue_sample_id": sample_id}
+            return {**row, "status": "quarantined", "reason": str(e)}, False
+        prev = previous_row(part)
+        row = fetch_and_inspect(
+            source, sample_id, tissue_of.get(sample_id), lake.raw, lake.quarantine,
+            previous=prev, overrides=overrides, policy=policy,
+        )  # fmt: skip
+        return row, row is not prev
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(one, sample_ids))

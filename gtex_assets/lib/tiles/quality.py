@@ -255,3 +255,19 @@ def verdict_sql(thresholds: QualityThresholds, table: str = "slide_tiles") -> st
         f"WHEN min_piece_std < {float(thresholds.min_piece_std)} THEN 'half_empty' "
         f"WHEN {dirt} THEN 'dirt' ELSE 'kept' END AS verdict FROM {table}"
     )
+
+
+def judge_slide(
+    index: pd.DataFrame, tiling_status: str | None, thresholds: QualityThresholds
+) -> pd.DataFrame:
+    """The filtered tiles of one slide: its index judged by :func:`apply_filters`, or no rows
+    when the slide was not tiled ``ok`` (a slide quarantined for corrupt tiles keeps its index
+    as a record, but none of its tiles may feed the sample). ``filter_hash`` names the
+    thresholds that judged it."""
+    from gtex_assets.core.atomic import params_hash
+
+    if tiling_status != "ok":
+        index = index.iloc[0:0]
+    out = apply_filters(index, thresholds)
+    out["filter_hash"] = params_hash(thresholds.as_dict())
+    return out

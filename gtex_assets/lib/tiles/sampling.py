@@ -15,16 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import polars as pl
+
+from gtex_assets.core.ids import subject_of
 
 SAMPLE_COLUMNS: list[str] = [
     "tile_id", "tissue_sample_id", "subject_id", "tissue", "x", "y", "level", "tile_size",
     "path", "split",
 ]  # fmt: skip
 DONOR_SPLIT_COLUMNS: list[str] = ["subject_id", "split", "n_slides", "n_tiles", "tissues"]
+_INT = ("x", "y", "level", "tile_size", "n_slides", "n_tiles")
+SAMPLE_SCHEMA = {c: pl.Int64 if c in _INT else pl.String for c in SAMPLE_COLUMNS}
+DONOR_SPLIT_SCHEMA = {c: pl.Int64 if c in _INT else pl.String for c in DONOR_SPLIT_COLUMNS}
 
 
 def _key(seed: int, name: str) -> int:
@@ -194,3 +202,90 @@ def donor_split_table(
     out["n_tiles"] = out["n_tiles"].fillna(0).astype("int64")
     out["n_slides"] = out["n_slides"].fillna(0).astype("int64")
     return out.reset_index()[DONOR_SPLIT_COLUMNS]
+
+
+def read_filtered(partition_dir: str | Path, selected: Sequence[str] | None = None) -> pd.DataFrame:
+    """The per-slide ``filtered_tiles`` files as one frame, read with polars ``scan_parquet``
+    (the selection pushed down, so unselected slides' rows are never materialised)."""
+    files = sorted(Path(partition_dir).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"no filtered tiles under {partition_dir}: materialise slide_tiles and filtered_tiles first"
+        )
+    lf = pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
+    if selected is not None:
+        lf = lf.filter(pl.col("tissue_sample_id").is_in(list(selected)))
+    return lf.collect().to_pandas()
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    sample: pd.DataFrame  # SAMPLE_COLUMNS
+    split_table: pd.DataFrame  # DONOR_SPLIT_COLUMNS
+    per_tissue: pd.DataFrame  # tissue, train, test, tiles, slides, target
+    left_out: list[str]  # tiled slides no longer selected
+
+
+def build_sample(
+    filtered: pd.DataFrame,
+    selected: pd.DataFrame | None,
+    *,
+    tiles_per_slide: int = 100,
+    tissue_target: int = 5000,
+    seed: int = 0,
+    redistribute: bool = True,
+    test_fraction: float = 0.2,
+) -> SampleResult:
+    """SPEC §4 end to end: donor split over slides with kept tiles (other donors go to train so
+    the split covers every donor), the balanced draw, the split per tile and the split table.
+
+    ``selected`` (tissue_sample_id, subject_id, tissue): only these slides are used (a slide
+    tiled earlier but no longer selected is left out); None = every filtered slide.
+    """
+    left_out: list[str] = []
+    subject: dict[str, str] = {}
+    if selected is not None:
+        left_out = sorted(set(filtered["tissue_sample_id"]) - set(selected["tissue_sample_id"]))
+        filtered = filtered[filtered["tissue_sample_id"].isin(selected["tissue_sample_id"])]
+        subject = dict(zip(selected["tissue_sample_id"], selected["subject_id"], strict=True))
+    filtered = filtered.assign(
+        subject_id=[subject.get(s) or subject_of(s) for s in filtered["tissue_sample_id"]]
+    )
+    slides = filtered.drop_duplicates("tissue_sample_id")[
+        ["tissue_sample_id", "subject_id", "tissue"]
+    ]
+    kept = filtered[filtered["verdict"] == "kept"]
+    with_tiles = slides[slides["tissue_sample_id"].isin(kept["tissue_sample_id"])]
+    split = donor_split(with_tiles, test_fraction=test_fraction, seed=seed)
+    others = sorted(set(slides["subject_id"]) - set(split["subject_id"]))
+    split = pd.concat(
+        [split, pd.DataFrame({"subject_id": others, "split": "train"})], ignore_index=True
+    )
+    sample = balanced_sample(
+        kept, tiles_per_slide=tiles_per_slide, tissue_target=tissue_target, seed=seed,
+        redistribute=redistribute, slides=slides,
+    )  # fmt: skip
+    sample = assign_split(sample, split)
+    sample["tile_id"] = (
+        sample["tissue_sample_id"] + "_" + sample["x"].astype(str) + "_" + sample["y"].astype(str)
+    )
+    sample = sample[SAMPLE_COLUMNS]
+    both = donors_on_both_sides(sample)
+    if both:  # impossible by construction; never write a leaky split
+        raise ValueError(f"donors on both sides of the split: {both[:10]}")
+    per_tissue = (
+        sample.groupby(["tissue", "split"]).size().unstack(fill_value=0)
+        .reindex(columns=["train", "test"], fill_value=0)
+    )  # fmt: skip
+    per_tissue["tiles"] = per_tissue.sum(axis=1)
+    per_tissue["slides"] = sample.groupby("tissue")["tissue_sample_id"].nunique()
+    per_tissue["target"] = [
+        max(tissue_target, tiles_per_slide * int((slides["tissue"] == t).sum()))
+        for t in per_tissue.index
+    ]
+    return SampleResult(
+        sample=sample,
+        split_table=donor_split_table(split, slides, sample),
+        per_tissue=per_tissue.reset_index(),
+        left_out=left_out,
+    )

@@ -9,8 +9,14 @@ How a slide is tiled
    filled (fat cells, alveoli) and its specks removed. Background is therefore never decoded at
    full resolution on a pyramidal slide. A slide without any pyramid level or thumbnail is
    scanned once in bounded regions (recorded as ``mask_source = level0-scan``).
-2. **Grid.** Full tiles only, at ``x, y = 0, T, 2T ...`` (level-0 coordinates); a tile is kept
-   when the area-weighted tissue fraction of its footprint is ``>= min_tissue_fraction``.
+2. **Grid.** Tiles are a physical size: ``tile_size`` px at ``target_mpp`` µm/px (448 px at
+   0.5 = 224 µm). Their level-0 footprint is ``F = tile_size * target_mpp / slide MPP`` (448 on
+   a 20x slide, 896 on a 40x one), read from a pyramid level whose pixels are within
+   ``mpp_tolerance`` of the target (no resampling), else from the finest level and resized
+   (:func:`plan_read`). Full tiles only, at ``x, y = 0, F, 2F ...`` (level-0 coordinates); a
+   tile is kept when the area-weighted tissue fraction of its footprint is
+   ``>= min_tissue_fraction``. Each tile records the ``level`` read, ``read_px``,
+   ``footprint_px`` and its ``mpp``; ``x, y`` are level-0 pixels (openslide's convention).
 3. **Blocks.** Tissue tiles are grouped in blocks of k x k tiles (k chosen so block edges fall
    on the slide's own JPEG tile edges where possible). A worker reads a block by decoding each
    stored slide tile (e.g. 240 or 256 px) that touches a tissue tile exactly once (tifffile
@@ -20,7 +26,8 @@ How a slide is tiled
 4. **Per tile, in memory:** the quality statistics (:func:`tile_quality.tile_stats`), one JPEG
    encode (libjpeg-turbo via imagecodecs; byte-identical to ``PIL.Image.save(quality=q)``), an
    atomic write (temp name + rename). A tile whose slide data cannot be decoded is recorded as
-   ``status = error`` and the slide goes on.
+   ``status = error`` and the slide goes on; a slide where more than ``max_corrupt_share`` of
+   its tissue tiles are unreadable is ``quarantined`` with that reason (:func:`corrupt_verdict`).
 
 Resume
 ------
@@ -54,22 +61,25 @@ from gtex_assets.core.atomic import clean_stale_temps, params_hash, write_parque
 from gtex_assets.lib.tiles.quality import STAT_COLUMNS, tile_stats
 
 # Bump when the tiler's output for the same parameters changes (part of the params hash).
-TILER_VERSION = "1"
-LEVEL = 0  # SPEC §2: full resolution
+TILER_VERSION = "2"
+LEVEL = 0  # x, y are always level-0 pixels; a tile's ``level`` is the pyramid level read
 
 TILE_INDEX_COLUMNS: list[str] = [
     "tissue_sample_id", "tissue", "x", "y", "level", "tile_size", "path", "status", "error",
-    "jpeg_bytes", "tissue_fraction", *STAT_COLUMNS, "params_hash",
+    "jpeg_bytes", "tissue_fraction", *STAT_COLUMNS, "read_px", "footprint_px", "mpp",
+    "params_hash",
 ]  # fmt: skip
 
 TILING_STATUS_COLUMNS: list[str] = [
     "tissue_sample_id", "tissue", "status", "reason", "slide_path", "width", "height",
     "n_grid_tiles", "n_tissue_tiles", "n_tiles", "n_errors", "mask_source", "mask_downsample",
-    "mask_threshold", "reader", "params_hash", "seconds", "tiled_at",
+    "mask_threshold", "reader", "slide_mpp", "mpp", "read_level", "read_px", "footprint_px",
+    "params_hash", "seconds", "tiled_at",
 ]  # fmt: skip
 
-# Slide-level outcomes. ``ok`` may still contain error tiles (n_errors).
-DONE_STATUSES = ("ok", "no_tissue", "too_small")
+# Slide-level outcomes. ``ok`` may still contain error tiles (n_errors, at most
+# max_corrupt_share of the tissue tiles); ``quarantined`` = too many unreadable tiles.
+DONE_STATUSES = ("ok", "no_tissue", "too_small", "quarantined")
 
 
 class TilingError(RuntimeError):
@@ -92,6 +102,11 @@ class TilingParams:
     mask_close_px: int = 3  # mask-px radius of the closing (joins membranes, fills gaps)
     mask_min_object_px: int = 16  # smaller connected pieces of mask are specks, not tissue
     mask_max_hole_px: int = 3000  # enclosed holes up to this many mask px (~4 tiles) are filled
+    target_mpp: float = 0.5  # µm per tile pixel (SPEC §2: GTEx 20x): 448 px = 224 µm
+    mpp_tolerance: float = 0.05  # a level within 5% of target_mpp is read as is, not resized
+    # A slide with more of its tissue tiles unreadable is quarantined, not "ok": a tenth lost
+    # already biases its slide mean and per-tissue sample.
+    max_corrupt_share: float = 0.1
 
     def __post_init__(self) -> None:
         if self.tile_size < 16 or self.tile_size % self.piece_grid:
@@ -104,11 +119,82 @@ class TilingParams:
             raise ValueError(
                 f"min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}"
             )
+        if self.target_mpp <= 0 or not 0.0 <= self.mpp_tolerance < 1.0:
+            raise ValueError(
+                f"target_mpp must be > 0 and mpp_tolerance in [0, 1), got {self.target_mpp}, "
+                f"{self.mpp_tolerance}"
+            )
+        if not 0.0 <= self.max_corrupt_share <= 1.0:
+            raise ValueError(f"max_corrupt_share must be in [0, 1], got {self.max_corrupt_share}")
 
-    def hash(self, slide_version: str = "") -> str:
+    def hash(self, slide_version: str = "", slide_mpp: float | None = None) -> str:
         return params_hash(
-            {**asdict(self), "tiler": TILER_VERSION, "level": LEVEL, "slide": slide_version}
-        )
+            {**asdict(self), "tiler": TILER_VERSION, "level": LEVEL, "slide": slide_version,
+             "slide_mpp": slide_mpp}
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How a slide's tiles are read: ``read_px`` square at pyramid ``level`` (downsample
+    ``level_downsample``), covering ``footprint_px`` level-0 px, resized to ``tile_size`` when
+    ``read_px`` differs; ``mpp`` is the resulting tile's µm/px (None: slide MPP unknown)."""
+
+    level: int
+    level_downsample: float
+    read_px: int
+    footprint_px: int
+    tile_size: int
+    mpp: float | None
+
+    @property
+    def resized(self) -> bool:
+        return self.read_px != self.tile_size
+
+
+def plan_read(
+    slide_mpp: float | None,
+    level_downsamples: Sequence[float],
+    params: TilingParams = TilingParams(),
+) -> ReadPlan:
+    """Which level to read and how many pixels, so a tile covers ``tile_size * target_mpp`` µm.
+
+    ``level_downsamples[0]`` is level 0 (1.0). A level whose pixel size is within
+    ``mpp_tolerance`` of ``target_mpp`` is read as is (a 20x slide at 0.499 µm/px reads 448 px
+    of level 0; a 40x slide with a 2x level reads that level). Otherwise the coarsest level
+    still at least as fine as the target is read (``footprint / downsample`` px) and resized.
+    Without a slide MPP the tile is ``tile_size`` px of level 0 (the pre-MPP behaviour).
+    """
+    t = params.tile_size
+    if slide_mpp is None or slide_mpp <= 0:
+        return ReadPlan(0, 1.0, t, t, t, None)
+    scale = params.target_mpp / slide_mpp  # level-0 px per target px
+    tol = params.mpp_tolerance
+    matching = [(i, ds) for i, ds in enumerate(level_downsamples) if abs(scale / ds - 1.0) <= tol]
+    if matching:
+        i, ds = min(matching, key=lambda m: abs(scale / m[1] - 1.0))
+        return ReadPlan(i, ds, t, int(round(t * ds)), t, round(slide_mpp * ds, 6))
+    footprint = max(1, int(round(t * scale)))
+    finer = [(i, ds) for i, ds in enumerate(level_downsamples) if ds <= scale]
+    i, ds = max(finer, key=lambda m: m[1]) if finer else (0, 1.0)
+    read_px = max(1, int(round(footprint / ds)))
+    return ReadPlan(i, ds, read_px, footprint, t, round(params.target_mpp, 6))
+
+
+def corrupt_verdict(
+    n_tissue_tiles: int, n_errors: int, max_corrupt_share: float, first_error: str = ""
+) -> str | None:
+    """The quarantine reason when more than ``max_corrupt_share`` of a slide's tissue tiles are
+    unreadable, else None."""
+    if n_tissue_tiles <= 0 or n_errors / n_tissue_tiles <= max_corrupt_share:
+        return None
+    share = n_errors / n_tissue_tiles
+    return (
+        f"{n_errors} of {n_tissue_tiles} tissue tiles ({share:.0%}) unreadable, more than "
+        f"max_corrupt_share {max_corrupt_share:.0%} (first: {first_error}); re-scan or "
+        "re-download the slide, or raise slide_tiles config max_corrupt_share to keep its "
+        f"{n_tissue_tiles - n_errors} readable tiles"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +346,7 @@ class SlideReader:
             # Lower-resolution images of the same field: pyramid levels and the thumbnail
             # (label and macro images have other aspect ratios and are skipped).
             self._lowres: list[tuple[float, object]] = []
+            self._pages0 = pages[0]
             for p in pages[1:]:
                 desc = (getattr(p, "description", "") or "").lower()
                 if "label" in desc or "macro" in desc or p.samplesperpixel < 3:
@@ -279,8 +366,23 @@ class SlideReader:
     def segment_size(self) -> tuple[int, int]:
         return self.level0.seg_w, self.level0.seg_h
 
-    def read_region(self, x, y, w, h, rects=None) -> Region:
-        return self.level0.read_region(x, y, w, h, rects)
+    @property
+    def level_downsamples(self) -> list[float]:
+        """Level 0 (1.0), then the lower-resolution pages, finest first."""
+        return [1.0, *sorted(ds for ds, _ in self._lowres)]
+
+    def level(self, i: int) -> _TiffPageReader:
+        """Reader of pyramid level ``i`` (index into :attr:`level_downsamples`)."""
+        if i == 0:
+            return self.level0
+        cache = self.__dict__.setdefault("_levels", {})
+        if i not in cache:
+            page = sorted(self._lowres, key=lambda t: t[0])[i - 1][1]
+            cache[i] = _TiffPageReader(page, self._fd, f"{self.name} level {i}")
+        return cache[i]
+
+    def read_region(self, x, y, w, h, rects=None, level: int = 0) -> Region:
+        return self.level(level).read_region(x, y, w, h, rects)
 
     def saturation(self, params: TilingParams) -> tuple[np.ndarray, float, float, str]:
         """Pooled saturation map for the tissue mask: (map, level-0 px per map px in x, in y,
@@ -351,8 +453,13 @@ class SlideioReader:
             raise TilingError(str(e)) from None
 
     segment_size = (256, 256)
+    seg_w = seg_h = 256
+    level_downsamples = [1.0]  # level 0 only; other scales are resized from it
 
-    def read_region(self, x, y, w, h, rects=None) -> Region:
+    def level(self, i: int):
+        return self
+
+    def read_region(self, x, y, w, h, rects=None, level: int = 0) -> Region:
         try:
             return Region(x, y, np.ascontiguousarray(self._scene.read_block((x, y, w, h))[..., :3]))
         except Exception:
@@ -498,6 +605,7 @@ def tissue_mask(sat: np.ndarray, params: TilingParams = TilingParams()) -> tuple
             border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
             fill[border] = False
             mask |= fill[holes]
+        del holes  # 4 bytes per mask px; the object labels below need as much again
     if params.mask_min_object_px > 0:
         # Drop specks (dust, debris) but keep thin connected structures such as fat membranes,
         # which an opening would erase.
@@ -527,8 +635,12 @@ def tissue_fractions(
     image of a piecewise-constant function is bilinear within a cell.
     """
     h, w = mask.shape
-    integral = np.zeros((h + 1, w + 1), dtype=np.float64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
+    # Integer counts (exact; int32 holds any mask up to 2**31 px): half the memory of float64,
+    # which matters on a 100,000 px slide (6,250 x 5,000 mask px).
+    count = np.int32 if h * w < 2**31 else np.int64
+    integral = np.zeros((h + 1, w + 1), dtype=count)
+    np.cumsum(mask, axis=0, dtype=count, out=integral[1:, 1:])
+    np.cumsum(integral[1:, 1:], axis=1, out=integral[1:, 1:])
 
     def at(u: np.ndarray, v: np.ndarray) -> np.ndarray:
         u = np.clip(u, 0, w)
@@ -536,8 +648,9 @@ def tissue_fractions(
         u0 = np.minimum(np.floor(u).astype(np.int64), w - 1)
         v0 = np.minimum(np.floor(v).astype(np.int64), h - 1)
         fu, fv = u - u0, v - v0
-        i00, i01 = integral[v0, u0], integral[v0, u0 + 1]
-        i10, i11 = integral[v0 + 1, u0], integral[v0 + 1, u0 + 1]
+        i00, i01 = integral[v0, u0].astype(np.float64), integral[v0, u0 + 1].astype(np.float64)
+        i10 = integral[v0 + 1, u0].astype(np.float64)
+        i11 = integral[v0 + 1, u0 + 1].astype(np.float64)
         return i00 * (1 - fu) * (1 - fv) + i01 * fu * (1 - fv) + i10 * (1 - fu) * fv + i11 * fu * fv
 
     u0, u1 = xs / scale_x, (xs + tile_size) / scale_x
@@ -581,7 +694,8 @@ class BlockTask:
     tile_size: int
     jpeg_quality: int
     piece_grid: int
-    tiles: tuple[tuple[int, int, float], ...]  # (x, y, tissue fraction)
+    tiles: tuple[tuple[int, int, float], ...]  # (x, y, tissue fraction), level-0 px
+    read: ReadPlan = ReadPlan(0, 1.0, 448, 448, 448, None)
 
 
 _READERS: dict[str, SlideReader | SlideioReader] = {}
@@ -646,25 +760,43 @@ def tile_file_name(x: int, y: int) -> str:
     return f"{x}_{y}.jpg"
 
 
+def _level_xy(x: int, y: int, read: ReadPlan) -> tuple[int, int]:
+    return int(round(x / read.level_downsample)), int(round(y / read.level_downsample))
+
+
+def resize_tile(pixels: np.ndarray, size: int) -> np.ndarray:
+    """A read region resampled to ``size`` px square: area averaging when shrinking (no
+    aliasing of nuclei), bicubic when enlarging."""
+    from PIL import Image
+
+    h = pixels.shape[0]
+    method = Image.Resampling.BOX if h > size else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize((size, size), method))
+
+
 def run_block(task: BlockTask) -> list[dict]:
     """Read, measure, encode and write the tiles of one block; write its progress sidecar."""
-    t = task.tile_size
+    read = task.read
+    r = read.read_px  # side read at the read level
     reader = _cached_reader(task.slide_path, task.reader_kind)
-    rects = [(x, y, t, t) for x, y, _ in task.tiles]
-    x0 = min(x for x, _, _ in task.tiles)
-    y0 = min(y for _, y, _ in task.tiles)
-    x1 = max(x for x, _, _ in task.tiles) + t
-    y1 = max(y for _, y, _ in task.tiles) + t
-    region = reader.read_region(x0, y0, x1 - x0, y1 - y0, rects)
+    at_level = [(*_level_xy(x, y, read), x, y, f) for x, y, f in task.tiles]
+    rects = [(lx, ly, r, r) for lx, ly, *_ in at_level]
+    x0 = min(lx for lx, *_ in at_level)
+    y0 = min(ly for _, ly, *_ in at_level)
+    x1 = max(lx for lx, *_ in at_level) + r
+    y1 = max(ly for _, ly, *_ in at_level) + r
+    region = reader.read_region(x0, y0, x1 - x0, y1 - y0, rects, level=read.level)
     rows = []
     tiles_dir = os.fspath(task.tiles_dir)  # once per block, not per tile
-    for x, y, frac in task.tiles:
+    for lx, ly, x, y, frac in at_level:
         path = os.path.join(tiles_dir, tile_file_name(x, y))
         row = {"x": x, "y": y, "tissue_fraction": frac, "path": path}
-        bad = region.bad_reason(x, y, t, t)
+        bad = region.bad_reason(lx, ly, r, r)
         if bad is None:
             try:
-                tile = np.ascontiguousarray(region.crop(x, y, t, t))
+                tile = region.crop(lx, ly, r, r)
+                tile = resize_tile(tile, read.tile_size) if read.resized else tile
+                tile = np.ascontiguousarray(tile)
                 stats = tile_stats(tile, task.piece_grid)
                 data = encode_jpeg(tile, task.jpeg_quality)
                 _write_file_atomic(path, data)
@@ -702,6 +834,7 @@ class SlideJob:
     index_path: Path
     status_path: Path
     slide_version: str = ""  # raw slide's source version: a new file re-tiles the slide
+    mpp: float | None = None  # the slide's µm/px (raw_slides, by the MPP policy); None = as is
 
 
 @dataclass
@@ -720,6 +853,8 @@ class _Plan:
     tasks: list[BlockTask]
     done_rows: list[dict]
     started: float
+    read: ReadPlan | None = None
+    max_corrupt_share: float = 1.0
 
 
 def read_done(job: SlideJob, phash: str) -> SlideOutcome | None:
@@ -759,8 +894,8 @@ def plan_slide(job: SlideJob, params: TilingParams, keep_reader: bool = False) -
     about to be read here too) instead of closing it.
     """
     started = time.perf_counter()
-    phash = params.hash(job.slide_version)
-    base = _status_row(job, phash)
+    phash = params.hash(job.slide_version, job.mpp)
+    base = _status_row(job, phash, slide_mpp=job.mpp)
     t = params.tile_size
 
     def outcome(status: str, reason: str) -> _Plan:
@@ -772,25 +907,39 @@ def plan_slide(job: SlideJob, params: TilingParams, keep_reader: bool = False) -
         return outcome("unreadable", str(e))
     try:
         w, h = reader.width, reader.height
-        base.update(width=w, height=h, reader=reader.kind)
-        if w < t or h < t:
-            return outcome("too_small", f"slide is {w}x{h} px, smaller than one {t}x{t} tile")
+        read = plan_read(job.mpp, reader.level_downsamples, params)
+        f = read.footprint_px
+        base.update(
+            width=w, height=h, reader=reader.kind, mpp=read.mpp, read_level=read.level,
+            read_px=read.read_px, footprint_px=f,
+        )  # fmt: skip
+        if w < f or h < f:
+            return outcome("too_small", f"slide is {w}x{h} px, smaller than one {f}x{f} tile")
         try:
             sat, sx, sy, source = reader.saturation(params)
             mask, thr = tissue_mask(sat, params)
+            del sat  # 4 bytes per mask px: freed before the grid's integral image
         except Exception as e:
             reason = (
                 f"{reader.name}: low-resolution image for the tissue mask unreadable ({_short(e)})"
             )
             return outcome("unreadable", reason)
-        xs, ys = tile_grid(w, h, t)
-        frac = tissue_fractions(mask, sx, sy, xs, ys, t)
+        xs, ys = tile_grid(w, h, f)
+        frac = tissue_fractions(mask, sx, sy, xs, ys, f)
         keep = frac >= params.min_tissue_fraction if params.min_tissue_fraction > 0 else frac > 0
+        if read.level:  # rounding at a coarser level must not run past its edge
+            lw, lh = reader.level(read.level).width, reader.level(read.level).height
+            lx = np.round(xs / read.level_downsample).astype(np.int64) + read.read_px
+            ly = np.round(ys / read.level_downsample).astype(np.int64) + read.read_px
+            keep &= (lx <= lw) & (ly <= lh)
         base.update(
             n_grid_tiles=len(xs), n_tissue_tiles=int(keep.sum()), mask_source=source,
             mask_downsample=round(float((sx + sy) / 2), 3), mask_threshold=round(thr, 4),
         )  # fmt: skip
-        k = block_tiles_for(reader.segment_size, t)
+        seg = reader.level(read.level).seg_w, reader.level(read.level).seg_h
+        # Blocks of at most ~3,600 read px a side: one block's pixels stay ~40 MB.
+        kmax = max(1, 3584 // read.read_px)
+        k = block_tiles_for(seg, read.read_px, range(min(4, kmax), kmax + 1))
         reader_kind = reader.kind
     finally:
         if keep_reader:
@@ -808,8 +957,8 @@ def plan_slide(job: SlideJob, params: TilingParams, keep_reader: bool = False) -
     clean_stale_temps(job.tiles_dir)
     progress = _progress_dir(job, phash)
     blocks: dict[tuple[int, int], list[tuple[int, int, float]]] = {}
-    for x, y, f in zip(xs[keep].tolist(), ys[keep].tolist(), frac[keep].tolist(), strict=True):
-        blocks.setdefault((y // (k * t), x // (k * t)), []).append((x, y, round(f, 4)))
+    for x, y, fr in zip(xs[keep].tolist(), ys[keep].tolist(), frac[keep].tolist(), strict=True):
+        blocks.setdefault((y // (k * f), x // (k * f)), []).append((x, y, round(fr, 4)))
     tasks, done_rows = [], []
     for (by, bx), tiles in sorted(blocks.items()):
         prog = progress / f"b{by}_{bx}.json"
@@ -830,9 +979,13 @@ def plan_slide(job: SlideJob, params: TilingParams, keep_reader: bool = False) -
                 jpeg_quality=params.jpeg_quality,
                 piece_grid=params.piece_grid,
                 tiles=tuple(tiles),
+                read=read,
             )  # fmt: skip
         )
-    return _Plan(job, phash, t, {**base, "status": "ok"}, tasks, done_rows, started)
+    return _Plan(
+        job, phash, t, {**base, "status": "ok"}, tasks, done_rows, started, read,
+        params.max_corrupt_share,
+    )  # fmt: skip
 
 
 def _load_progress(path: Path, phash: str, n_tiles: int) -> list[dict] | None:
@@ -857,7 +1010,8 @@ TILE_INDEX_SCHEMA = pa.schema(
      ("status", pa.string()), ("error", pa.string()), ("jpeg_bytes", pa.int64()),
      ("tissue_fraction", pa.float64())]
     + [(c, pa.float64()) for c in STAT_COLUMNS]
-    + [("params_hash", pa.string())]
+    + [("read_px", pa.int64()), ("footprint_px", pa.int64()), ("mpp", pa.float64()),
+       ("params_hash", pa.string())]
 )  # fmt: skip
 TILING_STATUS_SCHEMA = pa.schema(
     [("tissue_sample_id", pa.string()), ("tissue", pa.string()), ("status", pa.string()),
@@ -865,6 +1019,8 @@ TILING_STATUS_SCHEMA = pa.schema(
      ("height", pa.int64()), ("n_grid_tiles", pa.int64()), ("n_tissue_tiles", pa.int64()),
      ("n_tiles", pa.int64()), ("n_errors", pa.int64()), ("mask_source", pa.string()),
      ("mask_downsample", pa.float64()), ("mask_threshold", pa.float64()), ("reader", pa.string()),
+     ("slide_mpp", pa.float64()), ("mpp", pa.float64()), ("read_level", pa.int64()),
+     ("read_px", pa.int64()), ("footprint_px", pa.int64()),
      ("params_hash", pa.string()), ("seconds", pa.float64()), ("tiled_at", pa.float64())]
 )  # fmt: skip
 assert TILE_INDEX_SCHEMA.names == TILE_INDEX_COLUMNS
@@ -895,13 +1051,24 @@ def finish_slide(plan: _Plan, rows: list[dict]) -> SlideOutcome:
         index = pd.DataFrame(rows)
         index["tissue_sample_id"] = job.sample_id
         index["tissue"] = job.tissue
-        index["level"] = LEVEL
+        read = plan.read or ReadPlan(0, 1.0, plan.tile_size, plan.tile_size, plan.tile_size, None)
+        index["level"] = read.level
         index["tile_size"] = plan.tile_size
+        index["read_px"] = read.read_px
+        index["footprint_px"] = read.footprint_px
+        index["mpp"] = read.mpp
         index["params_hash"] = plan.phash
         index = index[TILE_INDEX_COLUMNS]
         index = index.sort_values(["y", "x"], kind="mergesort").reset_index(drop=True)
         status["n_tiles"] = int((index["status"] == "ok").sum())
         status["n_errors"] = int((index["status"] == "error").sum())
+        errors = index.loc[index["status"] == "error", "error"]
+        reason = corrupt_verdict(
+            status.get("n_tissue_tiles") or len(index), status["n_errors"],
+            plan.max_corrupt_share, errors.iloc[0] if len(errors) else "",
+        )  # fmt: skip
+        if status["status"] == "ok" and reason is not None:
+            status.update(status="quarantined", reason=f"slide {job.sample_id}: {reason}")
     else:
         index = empty_index()
     status["seconds"] = round(time.perf_counter() - plan.started, 3)
@@ -956,7 +1123,7 @@ def tile_slides(
     """
     pending: list[SlideJob] = []
     for job in jobs:
-        done = None if force else read_done(job, params.hash(job.slide_version))
+        done = None if force else read_done(job, params.hash(job.slide_version, job.mpp))
         if done is not None:
             yield job, done
         else:
@@ -980,7 +1147,7 @@ def _plan_or_fail(job: SlideJob, params: TilingParams, keep_reader: bool) -> _Pl
     except OSError:
         raise
     except Exception as e:
-        phash = params.hash(job.slide_version)
+        phash = params.hash(job.slide_version, job.mpp)
         plan = _Plan(
             job, phash, params.tile_size, _status_row(job, phash), [], [], time.perf_counter()
         )
@@ -1061,3 +1228,42 @@ def _tile_parallel(jobs: Sequence[SlideJob], params: TilingParams, workers: int,
 def _short(e: BaseException, limit: int = 200) -> str:
     msg = " ".join(str(e).split()) or type(e).__name__
     return msg[:limit]
+
+
+def plan_jobs(
+    sample_ids: Sequence[str], lake, tissue_of: dict[str, str]
+) -> tuple[list[SlideJob], list[dict]]:
+    """Tiling jobs for the slides whose ``raw_slides`` row is ok (with the MPP the policy chose),
+    and the recorded outcome (status row) of every other slide: no raw row (``missing``), raw
+    slide quarantined (``quarantined``, its reason), malformed id (``invalid_id``, no path)."""
+    from gtex_assets.core.ids import InvalidSampleIdError
+    from gtex_assets.lib.slides.raw import previous_row
+
+    jobs: list[SlideJob] = []
+    outcomes: list[dict] = []
+    for sid in sample_ids:
+        try:
+            tiles_dir = lake.slide_tiles(sid)
+        except InvalidSampleIdError as e:
+            outcomes.append({"tissue_sample_id": sid, "status": "invalid_id", "reason": str(e)})
+            continue
+        raw = previous_row(lake.partition_table("raw_slides", sid)) or {}
+        job = SlideJob(
+            sample_id=sid,
+            tissue=raw.get("tissue") or tissue_of.get(sid) or "",
+            slide_path=str(raw.get("path") or ""),
+            tiles_dir=tiles_dir,
+            index_path=lake.partition_table("slide_tiles", sid),
+            status_path=lake.partition_table("tiling_status", sid),
+            slide_version=str(raw.get("source_version") or ""),
+            mpp=raw.get("mpp_x"),
+        )
+        if not raw:
+            reason = "no raw_slides row: materialise raw_slides first"
+            outcomes.append(record_outcome(job, "missing", reason).status)
+        elif raw.get("status") != "ok":
+            reason = f"raw slide quarantined: {raw.get('reason')}"
+            outcomes.append(record_outcome(job, "quarantined", reason).status)
+        else:
+            jobs.append(job)
+    return jobs, outcomes

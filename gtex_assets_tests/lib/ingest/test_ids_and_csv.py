@@ -1,4 +1,4 @@
-import pandas as pd
+import polars as pl
 import pytest
 
 from gtex_assets.core.ids import (
@@ -7,7 +7,7 @@ from gtex_assets.core.ids import (
     subject_of,
     validate_sample_id,
 )
-from gtex_assets.lib.ingest.portal_csv import PortalCSVError, parse_portal_csv
+from gtex_assets.lib.ingest.portal_csv import PortalCSVError, parse_portal_csv, read_portal_csv
 
 
 @pytest.mark.parametrize("good", ["GTEX-1117F-0126", "GTEX-ZZPU-2626", "GTEX-13OW6-0011"])
@@ -33,12 +33,12 @@ def test_aliquot_and_subject():
 
 def test_parse_real_portal_sample(portal_csv_sample):
     df = parse_portal_csv(portal_csv_sample)
-    assert len(df) == 300
-    assert list(df.columns[:8]) == [
+    assert df.height == 300
+    assert df.columns[:8] == [
         "tissue_sample_id", "tissue", "subject_id", "sex", "age_bracket", "hardy_scale",
         "pathology_categories", "pathology_notes",
     ]  # fmt: skip
-    first = df.iloc[0]
+    first = df.row(0, named=True)
     assert first["tissue_sample_id"] == "GTEX-1117F-0126"
     assert first["tissue"] == "Skin - Sun Exposed (Lower leg)"
     assert first["subject_id"] == "GTEX-1117F"
@@ -46,10 +46,11 @@ def test_parse_real_portal_sample(portal_csv_sample):
     assert (
         first["pathology_notes"] == "6 pieces, minimal fat, squamous epithelium is ~50-70 microns"
     )
-    assert df["tissue_sample_id"].is_unique
-    assert (df["subject_id"] == df["tissue_sample_id"].str.rsplit("-", n=1).str[0]).all()
-    assert df["tissue"].nunique() == 35
-    assert set(df["sex"]) == {"male", "female"}
+    assert df["tissue_sample_id"].is_unique().all()
+    assert (df["subject_id"] == df["tissue_sample_id"].str.replace(r"-[0-9]+$", "")).all()
+    assert df["tissue"].n_unique() == 35
+    assert set(df["sex"].to_list()) == {"male", "female"}
+    assert read_portal_csv(portal_csv_sample).rejected.height == 0
 
 
 def _write(tmp_path, text):
@@ -61,31 +62,54 @@ def _write(tmp_path, text):
 HEADER = '"Tissue Sample ID","Tissue","Subject ID","Sex","Age Bracket","Hardy Scale","Pathology Categories","Pathology Notes"\n'
 
 
-def test_bad_id_names_line(tmp_path):
-    p = _write(
-        tmp_path,
-        HEADER
-        + '"GTEX-1117F-0126","Lung","GTEX-1117F","male","60-69","","",""\n"../x","Lung","GTEX-1117F","male","60-69","","",""\n',
+GOOD = '"GTEX-1117F-0126","Lung","GTEX-1117F","male","60-69","","",""\n'
+
+
+def test_bad_rows_are_rejected_with_line_and_reason_and_the_rest_kept(tmp_path):
+    rows = [
+        GOOD,
+        '"../../x","Lung","GTEX-1117F","male","60-69","","",""\n',  # line 3
+        GOOD,  # line 4: repeated
+        '"GTEX-1117F-0226","","GTEX-1117F","","","","",""\n',  # line 5: empty tissue
+        '"GTEX-1117F-0326","Lung","GTEX-9999","male","60-69","","",""\n',  # line 6: donor
+        '"GTEX-1117F-0426","Lung","GTEX-1117F","male","60-69","","","","extra"\n',  # line 7
+        '"GTEX-1117F-0526","Lung","","male","60-69","","","notes, with, commas"\n',  # ok
+    ]
+    parsed = read_portal_csv(_write(tmp_path, HEADER + "".join(rows)))
+    assert parsed.annotations["tissue_sample_id"].to_list() == [
+        "GTEX-1117F-0126",
+        "GTEX-1117F-0526",
+    ]
+    assert parsed.annotations["subject_id"].to_list() == ["GTEX-1117F", "GTEX-1117F"]
+    rej = parsed.rejected
+    assert rej.schema == pl.Schema(
+        {"line": pl.Int64, "raw_id": pl.String, "tissue": pl.String, "reason": pl.String}
     )
-    with pytest.raises(PortalCSVError, match=r"line 3: '\.\./x' is not a GTEx tissue sample id"):
-        parse_portal_csv(p)
+    assert rej["line"].to_list() == [3, 4, 5, 6, 7]
+    assert rej["raw_id"].to_list()[:2] == ["../../x", "GTEX-1117F-0126"]
+    reasons = rej["reason"].to_list()
+    assert reasons[0].startswith(
+        "GTEx Portal.csv, line 3: '../../x' is not a GTEx tissue sample id"
+    )
+    assert "repeated (first on line 2)" in reasons[1]
+    assert "empty Tissue" in reasons[2]
+    assert "Subject ID 'GTEX-9999'" in reasons[3]
+    assert "more fields than the header" in reasons[4]
+    summary = parsed.rejection_summary()
+    assert summary.startswith("5 row(s) rejected") and "histology_rejected_rows" in summary
 
 
-def test_duplicate_and_missing_column_and_subject_mismatch(tmp_path):
-    row = '"GTEX-1117F-0126","Lung","GTEX-1117F","male","60-69","","",""\n'
-    with pytest.raises(PortalCSVError, match="repeated .first on line 2"):
-        parse_portal_csv(_write(tmp_path, HEADER + row + row))
+def test_file_level_problems_still_raise(tmp_path):
     with pytest.raises(PortalCSVError, match="lacks column"):
         parse_portal_csv(_write(tmp_path, '"Sample","Tissue"\n"GTEX-1117F-0126","Lung"\n'))
-    bad_subj = '"GTEX-1117F-0126","Lung","GTEX-9999","male","60-69","","",""\n'
-    with pytest.raises(PortalCSVError, match="Subject ID 'GTEX-9999'"):
-        parse_portal_csv(_write(tmp_path, HEADER + bad_subj))
-    with pytest.raises(PortalCSVError, match="empty Tissue"):
-        parse_portal_csv(
-            _write(tmp_path, HEADER + '"GTEX-1117F-0126","","GTEX-1117F","","","","",""\n')
-        )
+    with pytest.raises(
+        PortalCSVError, match=r"no valid sample rows; 1 rejected, first: .*line 2: '\.\./x'"
+    ):
+        parse_portal_csv(_write(tmp_path, HEADER + '"../x","Lung","","","","","",""\n'))
+    with pytest.raises(PortalCSVError, match="cannot open"):
+        parse_portal_csv(tmp_path / "absent.csv")
 
 
 def test_parse_result_is_string_typed(portal_csv_sample):
     df = parse_portal_csv(portal_csv_sample)
-    assert all(pd.api.types.is_string_dtype(df[c]) for c in df.columns)
+    assert all(dtype == pl.String for dtype in df.schema.values())

@@ -165,3 +165,59 @@ def test_leaks_are_detected_and_missing_donors_refused():
             pd.DataFrame({"subject_id": ["C"]}),
             pd.DataFrame({"subject_id": ["A"], "split": ["train"]}),
         )
+
+
+def _filtered(tmp_path, slides: dict[str, tuple[str, int, int]]):
+    """Per-slide filtered_tiles files: {sid: (tissue, kept tiles, dropped tiles)}."""
+    d = tmp_path / "filtered_tiles"
+    d.mkdir()
+    for s, (tissue, kept, dropped) in slides.items():
+        df = kept_tiles({s: (tissue, kept + dropped)})
+        df["verdict"] = ["kept"] * kept + ["dirt"] * dropped
+        df["status"] = "ok"
+        df["level"], df["tile_size"] = 0, 448
+        df["path"] = [f"/tiles/{s}/{x}_{y}.jpg" for x, y in zip(df["x"], df["y"], strict=True)]
+        df.to_parquet(d / f"{s}.parquet")
+    return d
+
+
+def test_read_filtered_and_build_sample(tmp_path):
+    from gtex_assets.lib.tiles.sampling import SAMPLE_COLUMNS, build_sample, read_filtered
+
+    slides = {sid(d, 126): ("Lung", 30, 5) for d in range(1, 6)}
+    slides[sid(9, 126)] = ("Liver", 10, 0)
+    d = _filtered(tmp_path, slides)
+    chosen = sorted(slides)[:5] + [sid(9, 126)]
+    filtered = read_filtered(d, selected=chosen[1:])
+    assert set(filtered["tissue_sample_id"]) == set(chosen[1:])
+    sel = pd.DataFrame(
+        {"tissue_sample_id": chosen[1:], "subject_id": [c[:10] for c in chosen[1:]],
+         "tissue": [slides[c][0] for c in chosen[1:]]}
+    )  # fmt: skip
+    res = build_sample(
+        read_filtered(d), sel, tiles_per_slide=5, tissue_target=10, test_fraction=0.25
+    )
+    assert res.left_out == [chosen[0]]
+    assert list(res.sample.columns) == SAMPLE_COLUMNS
+    # Lung: 4 slides x 5 = 20 (above the target 10); Liver: 1 slide takes its 10 kept tiles.
+    assert res.sample.groupby("tissue").size().to_dict() == {"Liver": 10, "Lung": 20}
+    assert set(res.sample["tile_id"].str.count("_")) == {2}
+    assert not donors_on_both_sides(res.sample)
+    assert set(res.split_table["subject_id"]) == set(sel["subject_id"])
+    lung = res.per_tissue.set_index("tissue").loc["Lung"]
+    assert (lung["tiles"], lung["slides"], lung["target"], lung["test"] > 0) == (20, 4, 20, True)
+    with pytest.raises(FileNotFoundError, match="no filtered tiles"):
+        read_filtered(tmp_path / "empty")
+
+
+def test_judge_slide_drops_a_slide_not_tiled_ok():
+    from gtex_assets.lib.tiles.quality import STAT_COLUMNS, QualityThresholds, judge_slide
+
+    index = kept_tiles({sid(1, 126): ("Lung", 3)})
+    index["status"] = ["ok", "ok", "error"]
+    index["jpeg_bytes"] = 50_000
+    for c in STAT_COLUMNS:
+        index[c] = 50.0
+    ok = judge_slide(index, "ok", QualityThresholds())
+    assert ok["verdict"].tolist() == ["kept", "kept", "error"] and ok["filter_hash"].nunique() == 1
+    assert judge_slide(index, "quarantined", QualityThresholds()).empty

@@ -288,7 +288,15 @@ def test_unreadable_region_marks_tiles_as_errors_and_goes_on(tmp_path):
     with open(slide, "r+b") as f:
         f.seek(off)
         f.write(b"\x00" * n)
-    out = run_one(job_for(tmp_path, slide))
+    # 1 of 8 tissue tiles unreadable: above the default max_corrupt_share (10%) ...
+    default = run_one(job_for(tmp_path / "default", slide))
+    assert default.status["status"] == "quarantined"
+    reason = default.status["reason"]
+    assert "1 of 8 tissue tiles (12%) unreadable, more than max_corrupt_share 10%" in reason
+    assert "(col 0, row 0)" in reason and "raise slide_tiles config max_corrupt_share" in reason
+    assert len(default.index) == 8  # the per-tile record is kept
+    # ... and tiled "ok" with the error recorded when the slide-level limit allows it.
+    out = run_one(job_for(tmp_path, slide), TilingParams(max_corrupt_share=0.2))
     idx = out.index
     assert (
         out.status["status"] == "ok" and out.status["n_errors"] == 1 and out.status["n_tiles"] == 7
@@ -499,3 +507,113 @@ def test_memory_stays_bounded_on_a_large_slide(tmp_path):
     # One block of tiles (<= 8 x 8 tiles, ~50 MB) and the mask on top of the imports.
     assert int(peak_mb) - int(base_mb) < 200, (base_mb, peak_mb)
     assert int(peak_mb) < full_mb / 2, (base_mb, peak_mb)
+
+
+# ------------------------------------------------------------------ physical tile size (MPP)
+
+
+def test_plan_read_keeps_the_field_of_view():
+    p = TilingParams()  # 448 px at 0.5 µm/px
+    twenty = tiling.plan_read(0.499, [1.0, 4.0, 16.0], p)
+    assert (twenty.level, twenty.read_px, twenty.footprint_px, twenty.resized) == (
+        0,
+        448,
+        448,
+        False,
+    )
+    assert twenty.mpp == 0.499
+    # 40x with a 2x level: that level is read as is.
+    forty2 = tiling.plan_read(0.25, [1.0, 2.0, 8.0], p)
+    assert (forty2.level, forty2.read_px, forty2.footprint_px, forty2.resized) == (
+        1,
+        448,
+        896,
+        False,
+    )
+    assert forty2.mpp == 0.5
+    # 40x with only 4x levels (Aperio): 896 px of level 0, resized to 448.
+    forty4 = tiling.plan_read(0.2527, [1.0, 4.0, 16.0], p)
+    assert (forty4.level, forty4.read_px, forty4.footprint_px, forty4.resized) == (
+        0,
+        886,
+        886,
+        True,
+    )
+    assert forty4.mpp == 0.5
+    # Unknown MPP: level 0 as is; another target: 10x-like tiles from a 20x slide's 4x level.
+    assert tiling.plan_read(None, [1.0, 4.0], p) == tiling.ReadPlan(0, 1.0, 448, 448, 448, None)
+    coarse = tiling.plan_read(0.5, [1.0, 4.0], TilingParams(target_mpp=2.0))
+    assert (coarse.level, coarse.read_px, coarse.footprint_px) == (1, 448, 1792)
+
+
+def test_corrupt_verdict():
+    assert tiling.corrupt_verdict(10, 1, 0.1) is None
+    assert tiling.corrupt_verdict(0, 0, 0.1) is None
+    reason = tiling.corrupt_verdict(10, 2, 0.1, "bad tile")
+    assert reason.startswith("2 of 10 tissue tiles (20%) unreadable") and "bad tile" in reason
+
+
+@pytest.mark.parametrize("levels, read_level, resized", [((2, 8), 1, False), ((4, 16), 0, True)])
+def test_40x_slide_gives_the_20x_field_of_view(tmp_path, levels, read_level, resized):
+    """The same tissue scanned at 20x and at 40x (twice the pixels) gives the same tiles:
+    same grid in µm, 448 px each, nearly the same pixels."""
+    from gtex_assets.lib.synth.hard import write_sparse_slide
+
+    island = [(0, 0, 3 * T, 2 * T)]
+    s20 = tmp_path / "x20.svs"
+    write_sparse_slide(s20, 4 * T, 3 * T, island, levels=(4,), mpp=0.5, quality=95)
+    s40 = tmp_path / "x40.svs"
+    island40 = [(0, 0, 6 * T, 4 * T)]
+    write_sparse_slide(
+        s40, 8 * T, 6 * T, island40, levels=levels, mpp=0.25, app_mag=40, quality=95, texel_px=2.0
+    )
+    j20 = SlideJob(**{**job_for(tmp_path / "a", s20).__dict__, "mpp": 0.5})
+    j40 = SlideJob(**{**job_for(tmp_path / "b", s40).__dict__, "mpp": 0.25})
+    o20, o40 = run_one(j20), run_one(j40)
+    assert o20.status["status"] == o40.status["status"] == "ok"
+    assert o40.status["footprint_px"] == 896 and o40.status["read_level"] == read_level
+    assert o40.status["mpp"] == o20.status["mpp"] == 0.5
+    i20, i40 = o20.index, o40.index
+    assert len(i40) == len(i20) > 0
+    assert (i40["x"] // 2).tolist() == i20["x"].tolist()
+    assert (i40["y"] // 2).tolist() == i20["y"].tolist()
+    assert set(i40["read_px"]) == {896 if resized else 448} and set(i40["mpp"]) == {0.5}
+    assert set(i40["level"]) == {read_level} and set(i20["level"]) == {0}
+    a = np.asarray(Image.open(i20["path"].iloc[0]), np.float32)
+    b = np.asarray(Image.open(i40["path"].iloc[0]), np.float32)
+    assert a.shape == b.shape == (T, T, 3)
+    # Texture is sampled at level-0 coordinates, so the 40x tile is the 20x tile at twice the
+    # resolution: after downsampling they agree far better than two different tiles would.
+    c = np.asarray(Image.open(i20["path"].iloc[1]), np.float32)
+    assert np.abs(a - b).mean() < 0.5 * np.abs(a - c).mean()
+
+
+def test_sparse_large_slide_reads_only_its_islands_at_level_0(tmp_path, monkeypatch):
+    """A 24,000 x 16,000 px sparse pyramid (the benchmark's huge slide, scaled down): the mask
+    comes from a low-resolution level and level 0 is decoded only under the tissue islands."""
+    from gtex_assets.lib.synth.hard import write_sparse_slide
+
+    islands = [(2 * T, 3 * T, 6 * T, 6 * T), (40 * T, 25 * T, 43 * T, 27 * T)]
+    slide = tmp_path / "sparse.svs"
+    write_sparse_slide(slide, 24_000, 16_000, islands, levels=(4, 16, 64))
+    decoded = []
+    orig = tiling._TiffPageReader.segment
+
+    def spy(self, row, col):
+        if self.name.endswith("level 0"):
+            decoded.append((col, row))
+        return orig(self, row, col)
+
+    monkeypatch.setattr(tiling._TiffPageReader, "segment", spy)
+    out = run_one(SlideJob(**{**job_for(tmp_path, slide).__dict__, "mpp": 0.499}))
+    assert out.status["status"] == "ok" and out.status["mask_source"].startswith("lowres-1500x")
+    assert out.status["n_tiles"] == 4 * 3 + 3 * 2
+    seg = 256
+    needed = {
+        (c, r)
+        for x0, y0, x1, y1 in islands
+        for r in range(y0 // seg, (y1 - 1) // seg + 1)
+        for c in range(x0 // seg, (x1 - 1) // seg + 1)
+    }
+    assert decoded and set(decoded) <= needed and len(decoded) == len(set(decoded))
+    assert len(decoded) < 0.02 * (-(-24_000 // seg) * -(-16_000 // seg))
