@@ -20,7 +20,6 @@ from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
 GROUP = "expression"
 INPUTS = ("sample_attributes", "histology_annotations")  # tables that map aliquots to tissues
-UPSTREAM = ["gtex_sample_attributes", "gtex_histology_annotations"]  # the assets writing them
 TABLES = {
     "expression_genes": "Every GCT gene: max/mean/std logTPM, kept, or the filter that dropped it.",
     "expression_samples": "Aliquot -> tissue sample -> tissue; sample_index = matrix row.",
@@ -35,7 +34,7 @@ def _specs() -> list[dg.AssetSpec]:
             "gene_log_tpm",
             group_name=GROUP,
             kinds={"numpy"},
-            deps=UPSTREAM,
+            deps=list(INPUTS),
             code_version="2",
             description="SPEC §5: the GTEx gene TPM GCT streamed once into log2(1+TPM); genes "
             "kept when logTPM > 5 in at least one sample, std > 0.5, and a standard, unique "
