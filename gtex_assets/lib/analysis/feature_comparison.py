@@ -9,13 +9,14 @@ fine-tuned on the tissue task) are compared on the same donor-grouped K-fold spl
 (b) expression: per-gene ridge R² (``regression.ridge_gene_r2``: inner-CV penalty per gene,
     pooled out-of-fold R²) of every gene, per repeat.
 
-Statistics (all scipy):
+Statistics (scipy distributions; the signed-rank test vectorised in ``stats``):
 
 - overall accuracy: paired Wilcoxon signed-rank and paired t-test over the R repeat accuracies,
   and the corrected repeated-CV t-test (Nadeau & Bengio 2003; Bouckaert & Frank 2004) over
   the R·K fold differences, whose variance term ``(1/(R·K) + n_test/n_train)`` accounts for the
   overlap of training sets — the plain tests treat repeats as independent and are optimistic.
-- per gene: paired Wilcoxon signed-rank (two-sided) and paired t-test of R²_b vs R²_a over
+- per gene: paired Wilcoxon signed-rank (two-sided; ``stats.wilcoxon_signed_rank``: every gene
+  at once, scipy's exact / permutation / normal-approximation rule decided per gene) and paired t-test of R²_b vs R²_a over
   the R repeats, and the corrected repeated-CV t-test over the R·K fold-level R² differences;
   Benjamini–Hochberg q-values across genes.
 - "genes with a significant image association": genes whose R² is significantly > 0 for *either*
@@ -52,6 +53,7 @@ from gtex_assets.lib.analysis.regression import (
     inner_donor_folds,
     ridge_gene_r2,
 )
+from gtex_assets.lib.analysis.stats import wilcoxon_signed_rank
 
 
 def bh_fdr(p: np.ndarray) -> np.ndarray:
@@ -279,7 +281,7 @@ def _accuracy_stats(acc: pd.DataFrame, folds: pd.DataFrame, ratio: float) -> dic
     d = b - a
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p_w = stats.wilcoxon(b, a).pvalue if len(d) > 1 and np.any(d != 0) else np.nan
+        p_w = wilcoxon_signed_rank(b, a).pvalue[0] if len(d) > 1 else np.nan
         p_t = stats.ttest_rel(b, a).pvalue if len(d) > 1 else np.nan
     fd = (folds["accuracy_b"] - folds["accuracy_a"]).to_numpy()
     t_c, p_c = corrected_repeated_cv_ttest(fd, ratio)
@@ -312,8 +314,7 @@ def _gene_stats(
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         if R > 1:
-            p_w = np.asarray(stats.wilcoxon(B, A, axis=0).pvalue, dtype=np.float64)
-            p_w[np.all(D == 0, axis=0)] = np.nan
+            p_w = wilcoxon_signed_rank(B, A).pvalue  # all genes at once, method per gene
             p_t = np.asarray(stats.ttest_rel(B, A, axis=0).pvalue, dtype=np.float64)
         else:
             p_w = p_t = np.full(g, np.nan)
