@@ -27,6 +27,7 @@ from gtex_assets.resources import DataLakeResource, GTExSourceResource
 TISSUES = ["Lung", "Liver", "Thyroid"]
 N_DONORS, N_GENES, DIM = 14, 60, 24
 LINKED = [f"ENSG{i:011d}.1" for i in range(6)]  # the planted image-linked genes
+MARKERS = [f"ENSG{i:011d}.1" for i in range(6, 12)]  # tissue markers: high in one tissue
 OTS, E1, E5 = "efficientnet_b0-imagenet", "run1-e01", "run1-e05"
 
 
@@ -108,6 +109,11 @@ def _write_inputs(root, mirror) -> None:
     # expression: tissue means for every gene + the factors for the planted ones
     genes = [f"ENSG{i:011d}.1" for i in range(N_GENES)]
     tissue_means = rng.uniform(3, 9, (len(TISSUES), N_GENES))
+    # small tissue differences, except the markers: +8 in one tissue
+    tissue_means = 6.0 + 0.1 * (tissue_means - 6.0)
+    for j in range(6, 12):
+        tissue_means[:, j] = 5.0
+        tissue_means[j % 3, j] += 8.0
     Y = tissue_means[t_idx] + 0.5 * rng.standard_normal((n, N_GENES))
     for g in range(len(LINKED)):
         Y[:, g] += 1.5 * z[:, g % 3]
@@ -204,9 +210,32 @@ def test_analysis_assets_end_to_end(analysis_root):
 
     # gene_r2: the planted genes are the top 6 (within tissue, tissue means removed)
     g = pd.read_parquet(tables / "gene_r2.parquet")
+    views = [f"{m}_{v}{s}" for v in ("across", "within")
+             for m, s in (("r2", ""), ("r2", "_ci_low"), ("r2", "_ci_high"), ("pearson_r", ""),
+                          ("r2", "_baseline"), ("rank", ""))]  # fmt: skip
+    views.insert(6, "r2_across_tissue_only")
     assert list(g.columns) == [
-        "gene", "symbol", "r2", "pearson_r", "alpha", "rank", "r2_baseline", "model_id"
+        "gene", "symbol", "r2", "pearson_r", "alpha", "rank", "r2_baseline", "model_id",
+        *views, "n_slides", "n_donors",
     ]  # fmt: skip
+    # the ranking columns are the within view; both views rest on all 42 slides / 14 donors
+    np.testing.assert_array_equal(g["r2"], g["r2_within"])
+    assert (g["n_slides"] == 42).all() and (g["n_donors"] == N_DONORS).all()
+    # across tissues the markers lead (the image shows the tissue); within, the planted genes
+    across = g.sort_values("rank_across")
+    assert set(across["gene"].head(6)) == set(MARKERS)
+    assert (g.set_index("gene").loc[MARKERS, "r2_across_tissue_only"] > 0.8).all()
+    within = g.sort_values("rank_within")
+    assert set(within["gene"].head(6)) == set(LINKED)
+    assert (g.set_index("gene").loc[MARKERS, "r2_within"] < 0.2).all()
+    # intervals bracket the planted genes' and markers' estimates; the planted genes' lower
+    # ends clear the no-image baseline
+    strong = g.set_index("gene").loc[LINKED + MARKERS]
+    for v in ("across", "within"):
+        assert (strong[f"r2_{v}_ci_low"] <= strong[f"r2_{v}"]).all()
+        assert (strong[f"r2_{v}"] <= strong[f"r2_{v}_ci_high"]).all()
+    lk_ = g.set_index("gene").loc[LINKED]
+    assert (lk_["r2_within_ci_low"] > lk_["r2_within_baseline"]).all()
     # model: best -- every model on the same folds; the fine-tuned E5 predicts best
     assert (g["model_id"] == E5).all()
     gm = pd.read_parquet(tables / "gene_r2_models.parquet").set_index("model_id")
@@ -228,6 +257,15 @@ def test_analysis_assets_end_to_end(analysis_root):
     assert mg["planted_recall_at_k"] == 1.0
     assert mg["mean_r2_non_linked"] < 0.05
     assert mg["n_splits"] == 5 and mg["donors"] == N_DONORS and mg["tissue_strata"] is True
+    assert mg["planted_recall_at_k_within"] == 1.0 and mg["planted_recall_at_k_across"] < 1.0
+    assert "r2_across" in mg["definitions"] and "donor-bootstrap" in mg["definitions"]
+    assert "Σ(y - ȳ_tissue)²" in mg["definitions"]
+    assert set(result.asset_materializations_for_node("gene_r2")[i].asset_key.to_user_string()
+               for i in range(4)) == {"gene_r2", "gene_r2_by_model", "gene_r2_models",
+                                      "gene_r2_folds"}  # fmt: skip
+    schema = _meta(result, "gene_r2")["dagster/column_schema"]
+    desc = {c.name: c.description for c in schema.columns}
+    assert "tissue fixed effects" in desc["r2_within"] and "overall mean" in desc["r2_across"]
 
     # cluster_transcriptome: per-gene R² of both methods, same genes
     c = pd.read_parquet(tables / "cluster_transcriptome_r2.parquet")
@@ -327,7 +365,7 @@ CLUSTER_RUN = {
 def materialize_clusters(root, mirror, assets=None, run_config=None):
     """gene_r2 + cluster_transcriptome on the planted inputs (also used by test_nearest_*)."""
     assets = assets or [gene_r2, cluster_transcriptome]
-    names = {a.key.to_user_string() for a in assets}
+    names = {a.node_def.name for a in assets}  # op names (gene_r2 is a multi_asset)
     ops = (run_config or CLUSTER_RUN)["ops"]
     return dg.materialize(
         assets,

@@ -19,11 +19,15 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from gtex_assets.core.atomic import write_parquet
+from gtex_assets.core.errors import InputError
 from gtex_assets.core.lake import Lake
+from gtex_assets.defs.analysis.configs import GeneR2Config
 from gtex_assets.defs.embeddings.assets import slide_embeddings, tile_embeddings
 from gtex_assets.defs.expression.assets import gene_log_tpm
 from gtex_assets.defs.metadata import plot_metadata, table_metadata
 from gtex_assets.lib.analysis import cluster_transcriptome as CP
+from gtex_assets.lib.analysis import gene_r2 as GR
+from gtex_assets.lib.analysis import inputs as I
 from gtex_assets.lib.analysis import plots as P
 from gtex_assets.lib.analysis.cluster_transcriptome import (
     compare_gene_r2,
@@ -38,14 +42,10 @@ from gtex_assets.lib.analysis.projection import (
     silhouette_by_label,
 )
 from gtex_assets.lib.analysis.regression import (
-    DEFAULT_ALPHAS,
-    baseline_r2,
     donor_folds,
-    inner_donor_folds,
-    recall_at_k,
-    ridge_gene_r2,
     strata_too_small,
 )
+from gtex_assets.lib.analysis.selection import pick_models
 from gtex_assets.lib.embeddings import vector_store as V
 from gtex_assets.lib.expression.log_tpm import load_log_tpm
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
@@ -475,189 +475,109 @@ def embedding_views(
 # ----------------------------------------------------------------------------------------------
 
 
-class GeneR2Config(dg.Config):
-    features: str = Field(default="raw", description="'raw' slide embeddings or their 'pcs'")
-    n_pcs: int = Field(default=40, description="PCA components with features='pcs'")
-    alphas: list[float] = Field(
-        default=[float(a) for a in DEFAULT_ALPHAS], description="Ridge λ grid (inner CV per gene)"
-    )
-    n_splits: int = Field(default=5, description="Outer donor folds (lowered for few donors)")
-    inner_splits: int = Field(default=4, description="Inner donor folds (lowered for few donors)")
-    tissue_strata: bool = Field(
-        default=True,
-        description="Tissue fixed effects and within-tissue R² (else tissue markers crowd the top)",
-    )
-    model: str = Field(
-        default="best",
-        description="'best': every embedded model on the same donor folds, the one explaining the "
-        "most held-out variance (sum over genes of max(R², 0)) is reported (all in gene_r2_by_model); 'selected': "
-        "the classifier's selected checkpoint only; or a model_id",
-    )
-    kernel: str = Field(
-        default="linear",
-        description="'linear' (ridge) or 'rbf' (kernel ridge: a non-linear model, same CV)",
-    )
-    top_n: int = Field(default=30, description="Top genes shown in the metadata")
-    random_state: int = Field(default=0, description="Seed of the donor folds")
+def _spec(key: str, description: str, **kw) -> dg.AssetSpec:
+    return dg.AssetSpec(key, group_name=GROUP, description=description, **kw)
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"numpy", "parquet"},
-    deps=[slide_embeddings, gene_log_tpm],
-    code_version=ANALYSIS_VERSION,
-)
+GENE_R2_INPUTS = ["slide_embeddings", "embedding_models", "gene_log_tpm"]
+GENE_R2_SPECS = [
+    _spec(
+        GR.GENE_R2_TABLE,
+        "SPEC §8 / issue #15: per-gene R² of logTPM from the slide embedding on held-out "
+        "donors, both views in one table — r2_across (no tissue term: tissue markers on top) and "
+        "r2_within (tissue fixed effects: morphology beyond tissue identity) — each with "
+        "Pearson r, the no-image baseline, a donor-bootstrap CI and the donors/slides it rests "
+        "on. `model: best` reports the model explaining the most held-out variance.",
+        deps=GENE_R2_INPUTS,
+        kinds={"numpy", "parquet"},
+        code_version="2",
+    ),
+    _spec(
+        GR.BY_MODEL_TABLE,
+        "The ranking view's per-gene R² of every embedded model, same folds.",
+        deps=GENE_R2_INPUTS,
+        kinds={"parquet"},
+    ),  # fmt: skip
+    _spec(
+        GR.MODELS_TABLE,
+        "One row per model: variance explained, planted recall, reported.",
+        deps=[GR.BY_MODEL_TABLE],
+        kinds={"parquet"},
+    ),  # fmt: skip
+    _spec(
+        GR.FOLDS_TABLE,
+        "The tissue-stratified donor folds gene_r2 used (reused downstream).",
+        deps=["slide_embeddings", "gene_log_tpm"],
+        kinds={"parquet"},
+    ),  # fmt: skip
+]
+
+
+@dg.multi_asset(name="gene_r2", specs=GENE_R2_SPECS)
 def gene_r2(
     context: dg.AssetExecutionContext,
     config: GeneR2Config,
     lake: DataLakeResource,
     gtex_source: GTExSourceResource,
-) -> dg.MaterializeResult:
-    """SPEC §8: per-gene ridge R² on held-out donors (tissue-stratified donor folds, within-
-    tissue R²) from slide embeddings → `tables/gene_r2.parquet` (gene, symbol, r2, pearson_r,
-    alpha, rank, r2_baseline = the no-image predictor's R², model_id) for the reported model;
-    with `model: best` every embedded model is fitted on the same folds
-    (`tables/gene_r2_by_model.parquet`, summary `tables/gene_r2_models.parquet`) and the one
-    explaining the most held-out variance (Σ over genes of max(R², 0)) is reported. Donor
-    folds: `tables/gene_r2_folds.parquet` (reused by cluster_transcriptome)."""
-    lk = lake.lake()
-    t0 = time.perf_counter()
-    meta, vec = _read_slides(lk)
-    models = _models(lk, sorted(meta["model_id"].unique()))
-    explicit = "" if config.model in ("best", "selected") else config.model
-    sel, _, how = _pick_models(models, explicit)
-    X_expr, genes, samples = _expression(lk)
-    F, Y, pm = _paired(_model_slides(meta, vec, sel), X_expr, samples)
-    # every candidate model on the same slides (a model missing some is left out of 'best')
-    feats = {sel: F}
-    if config.model == "best":
-        for m in sorted(set(models["model_id"]) - {sel}):
-            vecs, has = _aligned(_model_slides(meta, vec, m), pm["tissue_sample_id"])
-            if not has.all():
-                context.log.warning(f"{m}: {int((~has).sum())} slide(s) not embedded, skipped")
-                continue
-            feats[m] = vecs
-    dropped: list[str] = []
-    if config.tissue_strata:
-        ids = list(feats)
-        pm, dropped, arrs = _drop_small_tissues(context, pm, Y, *feats.values())
-        Y, feats = arrs[0], dict(zip(ids, arrs[1:], strict=True))
-    groups = pm["subject_id"].astype(str).to_numpy()
-    strata = pm["tissue"].astype(str).to_numpy() if config.tissue_strata else None
-    fc = _fold_counts(groups, config.n_splits, config.inner_splits, config.random_state, strata)
-    if fc["lowered"]:
-        context.log.warning(
-            f"{fc['n_donors']} donors: folds lowered to {fc['n_splits']} outer / "
-            f"{fc['inner_splits']} inner"
-        )
-    inner = inner_donor_folds(groups, fc["folds"], fc["inner_splits"], config.random_state, strata)
-    gene_ids = genes["gene_id"].astype(str).tolist()
-    symbols = genes["symbol"].astype(str).tolist()
+):
+    lk, t0, p = lake.lake(), time.perf_counter(), config.params()
     try:
-        base = baseline_r2(Y, groups, fc["folds"], strata)
-        base_of = dict(zip(gene_ids, base, strict=True))
-        tables: dict[str, pd.DataFrame] = {}
-        width: dict[str, int] = {}  # feature columns per model
-        for m, Fm in feats.items():
-            X = _features(Fm, config.features, config.n_pcs, config.random_state)
-            width[m] = X.shape[1]
-            res = ridge_gene_r2(
-                X, Y, groups, alphas=config.alphas, folds=fc["folds"], inner_folds=inner,
-                strata=strata, random_state=config.random_state, return_oof=False,
-                kernel=config.kernel,
-            )  # fmt: skip
-            t = res.table(gene_ids, symbols)
-            t["r2_baseline"] = t["gene"].map(base_of)
-            tables[m] = t.assign(model_id=m)
-    except ValueError as e:  # e.g. a tissue missing from a training fold: say what to change
+        meta, vec = I.read_slides(lk)
+        models = I.read_models(lk, sorted(meta["model_id"].unique()))
+        explicit = "" if p.model in ("best", "selected") else p.model
+        choice = pick_models(models, explicit)
+        expr = I.read_expression(lk)
+        _, Y, pm = I.paired(I.model_slides(meta, vec, choice.selected), expr)
+        feats, skipped = I.candidate_features(meta, vec, choice.selected, pm, p.model == "best")
+        out = GR.run_gene_r2(feats, Y, pm, expr.gene_ids, expr.symbols, models.to_pandas(), p,
+                             selected=choice.selected, how=choice.how,
+                             planted=I.planted_genes(_mirror(gtex_source)))  # fmt: skip
+    except (InputError, ValueError) as e:  # e.g. a tissue missing from a training fold
         raise dg.Failure(description=f"gene_r2: {e}") from e
+    for m in skipped:
+        context.log.warning(f"gene_r2 model 'best': {m} left out")
+    tables = {GR.GENE_R2_TABLE: out.gene_r2, GR.BY_MODEL_TABLE: out.by_model,
+              GR.MODELS_TABLE: out.models, GR.FOLDS_TABLE: out.folds}  # fmt: skip
+    paths = {name: write_parquet(df, lk.table(name)) for name, df in tables.items()}
+    md = GR.gene_r2_metadata(out, p, time.perf_counter() - t0)
+    md["plot"] = plot_metadata(P.r2_ranking_plot(
+        out.gene_r2, _png(lk, "analysis/gene_r2_ranking.png"), highlight=out.planted,
+        title=f"Per-gene R² from {out.primary} (held-out donors, {md['ranking_view']})"))  # fmt: skip
+    md["plot_views"] = plot_metadata(P.r2_scatter(
+        out.gene_r2["r2_across"], out.gene_r2["r2_within"], _png(lk, "analysis/gene_r2_views.png"),
+        xlabel="r2_across (across tissues)", ylabel="r2_within (within tissue)",
+        title=f"Both R² views per gene ({out.primary})"))  # fmt: skip
+    context.log.info(f"gene_r2: {len(out.gene_r2)} genes, {md['samples']} slides, "
+                     f"{len(out.models)} model(s), {md['seconds']:.1f}s")  # fmt: skip
+    for name, df in tables.items():
+        extra = _gene_r2_md(md) if name == GR.GENE_R2_TABLE else {}
+        yield dg.MaterializeResult(
+            asset_key=name, metadata={**table_metadata(df, paths[name]), **extra}
+        )
 
-    planted = _planted(gtex_source)
-    hl = None
-    if planted is not None and len(planted):
-        hl = [g for g in planted["gene_id"].astype(str) if g in set(gene_ids)] or None
-    summary = pd.DataFrame(
-        [
-            {
-                "model_id": m,
-                "kind": str(_model_attr(models, m, "kind", "")),
-                "epoch": float(_model_attr(models, m, "epoch", np.nan)),
-                "mean_r2": float(np.nanmean(t["r2"])),
-                "sum_positive_r2": float(np.nansum(np.clip(t["r2"], 0, None))),
-                "median_r2": float(np.nanmedian(t["r2"])),
-                "genes_r2_above_0.1": int(np.nansum(t["r2"] > 0.1)),
-                "top_r2": float(np.nanmax(t["r2"])),
-                "planted_recall_at_k": recall_at_k(t["gene"], hl) if hl else np.nan,
-            }
-            for m, t in tables.items()
-        ]
-    )
-    if config.model == "best":
-        # Σ max(R², 0): the variance explained where there is any. The mean over all genes
-        # would be decided by the many unpredictable genes (their R² is estimation noise).
-        primary = str(summary.loc[summary["sum_positive_r2"].idxmax(), "model_id"])
-        how = f"most held-out variance explained (Σ max(R², 0)) of {len(tables)} models"
-    else:
-        primary = sel
-    summary["reported"] = summary["model_id"] == primary  # the model of gene_r2.parquet
-    table = tables[primary]
-    out = write_parquet(table, lk.table(GENE_R2_TABLE))
-    write_parquet(pd.concat(tables.values(), ignore_index=True), lk.table(GENE_R2_BY_MODEL_TABLE))
-    write_parquet(summary, lk.table(GENE_R2_MODELS_TABLE))
-    folds = pd.DataFrame(
-        {
-            "tissue_sample_id": pm["tissue_sample_id"].astype(str),
-            "subject_id": groups,
-            "tissue": pm["tissue"].astype(str),
-            "fold": fc["folds"].astype(np.int32),
-            "model_id": primary,
-        }
-    )
-    write_parquet(folds, lk.table(GENE_R2_FOLDS_TABLE))
 
-    md: dict = {}
-    if hl:
-        hs = set(hl)
-        md["planted_recall_at_k"] = _f(recall_at_k(table["gene"], hl))
-        md["planted_genes_kept"] = dg.MetadataValue.int(len(hl))
-        md["mean_r2_linked"] = _f(table[table["gene"].isin(hs)]["r2"].mean())
-        md["mean_r2_non_linked"] = _f(table[~table["gene"].isin(hs)]["r2"].mean())
-    png = P.r2_ranking_plot(
-        table, _png(lk, "analysis/gene_r2_ranking.png"), highlight=hl,
-        title=f"Per-gene R² from {primary} (held-out donors{', within tissue' if strata is not None else ''})",
-    )  # fmt: skip
-    r2 = table["r2"].to_numpy(dtype=float)
-    context.log.info(
-        f"gene_r2: {len(table)} genes, {len(pm)} slides, {len(tables)} model(s), "
-        f"{time.perf_counter() - t0:.1f}s"
-    )
-    md.update(
-        {
-            **table_metadata(table, out),
-            "top_genes": dg.MetadataValue.md(
-                table.head(config.top_n).to_markdown(index=False, floatfmt=".4f")
-            ),
-            "models": dg.MetadataValue.md(summary.to_markdown(index=False, floatfmt=".4f")),
-            "model_id": dg.MetadataValue.text(f"{primary} ({how})"),
-            "kernel": dg.MetadataValue.text(config.kernel),
-            "features": dg.MetadataValue.text(f"{config.features} ({width[primary]} columns)"),
-            "samples": dg.MetadataValue.int(len(pm)),
-            "donors": dg.MetadataValue.int(fc["n_donors"]),
-            "tissues_left_out": dg.MetadataValue.text(", ".join(dropped) or "none"),
-            "genes": dg.MetadataValue.int(len(table)),
-            "n_splits": dg.MetadataValue.int(fc["n_splits"]),
-            "inner_splits": dg.MetadataValue.int(fc["inner_splits"]),
-            "folds_lowered": dg.MetadataValue.bool(bool(fc["lowered"])),
-            "tissue_strata": dg.MetadataValue.bool(strata is not None),
-            "median_r2": _f(np.nanmedian(r2)),
-            "mean_r2_no_image_baseline": _f(np.nanmean(base)),
-            "genes_r2_above_0.1": dg.MetadataValue.int(int(np.nansum(r2 > 0.1))),
-            "top_r2": _f(np.nanmax(r2)),
-            "seconds": _f(time.perf_counter() - t0),
-            "plot": plot_metadata(png),
-        }
-    )
-    return dg.MaterializeResult(metadata=md)
+def _mirror(gtex_source: GTExSourceResource) -> Path | None:
+    spec = gtex_source.spec()
+    return spec.mirror_dir if spec.mode == "local" else None
+
+
+def _gene_r2_md(md: dict) -> dict:
+    """Metadata values for the UI: markdown for text tables, floats/ints as themselves."""
+    out = {}
+    for k, v in md.items():
+        if isinstance(v, dg.MetadataValue):
+            out[k] = v
+        elif isinstance(v, bool):
+            out[k] = dg.MetadataValue.bool(v)
+        elif isinstance(v, int):
+            out[k] = dg.MetadataValue.int(v)
+        elif isinstance(v, float):
+            out[k] = _f(v)
+        elif isinstance(v, str) and v.startswith(("|", "Protocol")):
+            out[k] = dg.MetadataValue.md(v)
+        else:
+            out[k] = dg.MetadataValue.text(str(v))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,7 +609,7 @@ def _merge_models(path: Path, new: pd.DataFrame, model_id: str, drop: list[str])
 @dg.asset(
     group_name=GROUP,
     kinds={"scikitlearn", "parquet", "lancedb"},
-    deps=[gene_r2],
+    deps=["gene_r2", "gene_r2_folds", "slide_embeddings", "gene_log_tpm"],
     code_version=CLUSTER_VERSION,
     pool="lancedb_writer",  # writes cluster_centroids (dagster.yaml: every pool is exclusive)
 )

@@ -23,6 +23,7 @@ gets NaN (there is nothing to test).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,3 +149,72 @@ def wilcoxon_signed_rank(x: np.ndarray, y: np.ndarray | None = None) -> SignedRa
         method[cols] = "asymptotic"
     stat = np.where(ok, np.minimum(r_plus, r_minus), np.nan)
     return SignedRankResult(statistic=stat, pvalue=p, method=method, n=n)
+
+
+# ----------------------------------------------------------------------------- donor bootstrap
+
+
+def donor_bootstrap_r2(
+    Y: np.ndarray,
+    P: np.ndarray,
+    groups: np.ndarray,
+    strata: np.ndarray | None = None,
+    *,
+    n_boot: int = 200,
+    level: float = 0.95,
+    random_state: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile confidence interval of the pooled out-of-fold R² per gene, resampling donors.
+
+    ``Y``, ``P``: samples × genes observed and out-of-fold predicted values; ``groups``: donor per
+    sample. Each replicate draws as many donors as there are, with replacement, and takes every
+    slide of a drawn donor (slides of a donor are not independent); R² is recomputed on the
+    replicate with the definition of ``regression.r2_pearson`` — against the replicate's stratum
+    means of Y with ``strata`` (within-tissue R²), against its overall mean without. The
+    predictions stay fixed, so the interval covers the sampling of held-out donors (the
+    uncertainty of the reported R² as an estimate for new donors), not the variation of the
+    fitted models between training sets. Returns (low, high); NaN where Y has no spread.
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    P = np.asarray(P, dtype=np.float64)
+    donors, d_idx = np.unique(np.asarray(groups), return_inverse=True)
+    st = (
+        np.zeros(len(Y), dtype=np.int64)
+        if strata is None
+        else np.unique(strata, return_inverse=True)[1]
+    )
+    n_d, n_s = len(donors), int(st.max()) + 1
+    # per (donor, stratum) cell: sums that the replicate's weighted totals are built from
+    cell = d_idx * n_s + st
+    cells, c_idx = np.unique(cell, return_inverse=True)
+    c_donor, c_stratum = cells // n_s, cells % n_s
+
+    def cell_sum(a: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(cells), a.shape[1]))
+        np.add.at(out, c_idx, a)
+        return out
+
+    # centre by the full-sample stratum means first: R² is unchanged, cancellation is smaller
+    mu = np.zeros((n_s, Y.shape[1]))
+    np.add.at(mu, st, Y)
+    mu /= np.bincount(st, minlength=n_s)[:, None]
+    Yc = Y - mu[st]
+    sse_c, syy_c, sy_c = cell_sum((Y - P) ** 2), cell_sum(Yc**2), cell_sum(Yc)
+    cnt_c = np.bincount(c_idx, minlength=len(cells)).astype(np.float64)
+    rng = np.random.default_rng(random_state)
+    W = np.stack([np.bincount(rng.integers(0, n_d, n_d), minlength=n_d) for _ in range(n_boot)])
+    Wc = W[:, c_donor].astype(np.float64)  # replicate weight of each cell
+    sse = Wc @ sse_c
+    sst = Wc @ syy_c
+    for s in range(n_s):
+        m = c_stratum == s
+        n = Wc[:, m] @ cnt_c[m]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sst -= np.where(n[:, None] > 0, (Wc[:, m] @ sy_c[m]) ** 2 / n[:, None], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(sst > 1e-12 * np.maximum(Wc @ syy_c, 1e-300), 1.0 - sse / sst, np.nan)
+    a = (1.0 - level) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN genes
+        lo, hi = np.nanquantile(r2, [a, 1 - a], axis=0)
+    return lo, hi
