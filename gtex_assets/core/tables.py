@@ -395,6 +395,21 @@ _TABLES = (
         ),  # fmt: skip
     ),
     _t(
+        "joint_pca",
+        "analysis",
+        "SPEC §7 joint PCA: the selected model's slide-embedding PCs and the expression PCs of "
+        "the samples with both (long: one row per sample, block and component)",
+        _c(
+            "tissue_sample_id",
+            "subject_id",
+            "tissue",
+            "model_id",
+            block="image (PCA of the slide embeddings) or expression (PCA of log TPM)",
+            component="Principal component (1-based) within the block",
+            score="The sample's score on that component",
+        ),  # fmt: skip
+    ),
+    _t(
         "projection_silhouettes",
         "analysis",
         "Tissue silhouette of each view and space (do clusters sharpen with training?)",

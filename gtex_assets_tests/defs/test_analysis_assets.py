@@ -19,6 +19,7 @@ from gtex_assets.defs.analysis.assets import (
     embedding_views,
     feature_comparison,
     gene_r2,
+    joint_pca,
 )
 from gtex_assets.lib.embeddings import vector_store as V
 from gtex_assets.lib.expression.log_tpm import ExpressionParams, ExpressionResult, write_outputs
@@ -159,15 +160,18 @@ def analysis_root(tmp_path):
     return root, mirror
 
 
-def _meta(result, key: str):
-    md = result.asset_materializations_for_node(key)[0].metadata
-    return {k: getattr(v, "value", v) for k, v in md.items()}
+def _meta(result, node: str, key: str | None = None):
+    """Metadata of one asset key of a node (default: the key named like the node)."""
+    key = key or node
+    (m,) = [m for m in result.asset_materializations_for_node(node)
+            if m.asset_key.to_user_string() == key]  # fmt: skip
+    return {k: getattr(v, "value", v) for k, v in m.metadata.items()}
 
 
 def test_analysis_assets_end_to_end(analysis_root):
     root, mirror = analysis_root
     result = dg.materialize(
-        [embedding_views, gene_r2, cluster_transcriptome, feature_comparison],
+        [joint_pca, embedding_views, gene_r2, cluster_transcriptome, feature_comparison],
         resources={
             "lake": DataLakeResource(root=str(root)),
             "gtex_source": GTExSourceResource(source=str(mirror)),
@@ -175,6 +179,7 @@ def test_analysis_assets_end_to_end(analysis_root):
         instance=dg.DagsterInstance.ephemeral(),
         run_config={
             "ops": {
+                "joint_pca": {"config": {"n_components": 10}},
                 "embedding_views": {
                     "config": {"methods": ["tsne"], "n_components": 10, "max_iter": 250}
                 },
@@ -201,6 +206,16 @@ def test_analysis_assets_end_to_end(analysis_root):
     pca = sil[(sil["view"] == "slides") & (sil["space"] == "pca")].set_index("model_id")
     assert pca.loc[E5, "silhouette"] > pca.loc[E1, "silhouette"] > pca.loc[OTS, "silhouette"]
     assert pca.loc[E5, "epoch"] == 5 and pd.isna(pca.loc[OTS, "epoch"])
+    # joint_pca: both blocks' 10 PCs for every paired slide; the joint view is drawn from it
+    jp = pd.read_parquet(tables / "joint_pca.parquet")
+    assert jp.groupby("block").size().to_dict() == {"expression": 420, "image": 420}
+    assert set(jp["model_id"]) == {E5} and jp["component"].max() == 10
+    img = jp[jp["block"] == "image"].pivot(index="tissue_sample_id", columns="component", values="score")
+    np.testing.assert_allclose(img.mean(0), 0, atol=1e-9)  # PCA scores are centred
+    assert (np.diff(img.var(0).to_numpy()) <= 1e-9).all()  # in order of explained variance
+    mj = _meta(result, "joint_pca")
+    assert mj["silhouette_joint"] > mj["silhouette_expression_only"] - 0.5
+    assert mj["dagster/table_name"] == "gtex.main.joint_pca"
     mv = _meta(result, "embedding_views")
     assert mv["silhouette_selected"] > mv["silhouette_off_the_shelf"]
     assert E5 in mv["selected_model_id"]
@@ -263,7 +278,7 @@ def test_analysis_assets_end_to_end(analysis_root):
     assert set(result.asset_materializations_for_node("gene_r2")[i].asset_key.to_user_string()
                for i in range(4)) == {"gene_r2", "gene_r2_by_model", "gene_r2_models",
                                       "gene_r2_folds"}  # fmt: skip
-    schema = _meta(result, "gene_r2")["dagster/column_schema"]
+    schema = mg["dagster/column_schema"]
     desc = {c.name: c.description for c in schema.columns}
     assert "tissue fixed effects" in desc["r2_within"] and "overall mean" in desc["r2_across"]
 
@@ -271,7 +286,7 @@ def test_analysis_assets_end_to_end(analysis_root):
     c = pd.read_parquet(tables / "cluster_transcriptome_r2.parquet")
     assert len(c) == N_GENES and {"r2_ridge", "r2_cluster", "delta_r2"} <= set(c.columns)
     assert c.set_index("gene").loc[LINKED, "r2_ridge"].min() > 0.4
-    mc = _meta(result, "cluster_transcriptome")
+    mc = _meta(result, "cluster_transcriptome", "cluster_transcriptome_r2")
     assert np.isfinite(mc["median_r2_cluster"]) and np.isfinite(mc["median_r2_ridge"])
 
     # feature_comparison: p-values per gene, fine-tuned better on the planted genes
@@ -387,10 +402,12 @@ def test_cluster_transcriptome_serves_lancedb_centroids_idempotently(analysis_ro
     assert result.success
     lk = Lake.at(root)
     m = _meta(result, "cluster_transcriptome")
+    ev = _meta(result, "cluster_transcriptome", "cluster_transcriptome_r2")
     # the held-out evaluation went through LanceDB and agrees with exact search
-    assert "LanceDB" in m["nearest_lookup"]
-    assert m["held_out_assignments"] == 42 and m["assignments_agree_exact"] == 42
-    assert m["model_id"] == E5 and m["centroid_rows_model"] == 6
+    assert "LanceDB" in ev["nearest_lookup"]
+    assert ev["held_out_assignments"] == 42 and ev["assignments_agree_exact"] == 42
+    cm = _meta(result, "cluster_transcriptome", "cluster_centroids")
+    assert m["model_id"] == E5 and cm["centroid_rows_model"] == 6 and cm["fit_id"] == m["fit_id"]
 
     tx = pd.read_parquet(lk.table("cluster_transcriptomes"))
     assert list(tx.columns) == ["model_id", "fit_id", "cluster", "n_slides", "majority_tissue",

@@ -6,7 +6,10 @@ import dataclasses
 import dagster as dg
 from pydantic import Field
 
+from gtex_assets.lib.analysis.cluster_run import ClusterParams
+from gtex_assets.lib.analysis.feature_comparison import ComparisonParams
 from gtex_assets.lib.analysis.gene_r2 import GeneR2Params
+from gtex_assets.lib.analysis.views import ViewParams
 
 _G = GeneR2Params()
 
@@ -48,3 +51,100 @@ class GeneR2Config(dg.Config):
     def params(self) -> GeneR2Params:
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(GeneR2Params)}
         return GeneR2Params(**{**kw, "alphas": tuple(self.alphas)})
+
+
+_V = ViewParams()
+
+
+class EmbeddingViewsConfig(dg.Config):
+    n_components: int = Field(
+        default=_V.n_components,
+        description="PCA components before the 2-D maps (and of each joint PCA block)",
+    )
+    methods: list[str] = Field(
+        default=list(_V.methods),
+        description="2-D methods after PCA ('umap', 'tsne'); [] = PCA only",
+    )
+    tiles: bool = Field(default=_V.tiles, description="Also view tile embeddings (subsampled)")
+    tiles_per_slide: int = Field(
+        default=_V.tiles_per_slide, description="Tiles drawn per slide and model"
+    )
+    max_points: int = Field(
+        default=_V.max_points, description="Most points per 2-D map (label-stratified subset)"
+    )
+    max_iter: int = Field(
+        default=_V.max_iter,
+        description="t-SNE iterations (>= 250) / UMAP epochs; 0 = library default",
+    )
+    selected_model_id: str = Field(default="", description="Override the selected checkpoint")
+    random_state: int = Field(
+        default=_V.random_state, description="Seed of PCA / UMAP / t-SNE / subsampling"
+    )
+
+    def params(self) -> ViewParams:
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(ViewParams)}
+        return ViewParams(**{**kw, "methods": tuple(self.methods)})
+
+
+class JointPCAConfig(dg.Config):
+    n_components: int = Field(
+        default=_V.n_components, description="PCs of each block (image, expression)"
+    )
+    selected_model_id: str = Field(default="", description="Override the selected checkpoint")
+    random_state: int = Field(default=_V.random_state, description="Seed of the PCAs")
+
+
+_C = ClusterParams()
+
+
+class ClusterTranscriptomeConfig(dg.Config):
+    n_clusters: int = Field(
+        default=_C.n_clusters, description="k-means clusters (capped at training slides)"
+    )
+    n_components: int = Field(
+        default=_C.n_components, description="PCA of the embeddings before clustering"
+    )
+    method: str = Field(default=_C.method, description="'kmeans' or 'agglomerative'")
+    tissue_strata: bool = Field(
+        default=_C.tissue_strata,
+        description="Report within-tissue R² (as gene_r2's ranking view), for a like-for-like",
+    )
+    random_state: int = Field(default=_C.random_state, description="Seed of k-means")
+
+    def params(self) -> ClusterParams:
+        return ClusterParams(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ClusterParams)}
+        )
+
+
+_F = ComparisonParams()
+
+
+class FeatureComparisonConfig(dg.Config):
+    n_splits: int = Field(
+        default=_F.n_splits, description="Donor folds per repeat (lowered for few donors)"
+    )
+    inner_splits: int = Field(default=_F.inner_splits, description="Inner donor folds of the ridge")
+    n_repeats: int = Field(default=_F.n_repeats, description="CV repeats (Li et al. 2022 used 50)")
+    tissue_strata: bool = Field(
+        default=_F.tissue_strata, description="Within-tissue expression task (tissue fixed effects)"
+    )
+    classifier_pcs: int = Field(
+        default=_F.classifier_pcs,
+        description="PCA components before the tissue classifier (0 = none)",
+    )
+    fdr: float = Field(default=_F.fdr, description="BH FDR for 'significant' genes")
+    selected_model_id: str = Field(
+        default=_F.selected_model_id, description="Override the fine-tuned model"
+    )
+    off_the_shelf_model_id: str = Field(
+        default=_F.off_the_shelf_model_id, description="Override the off-the-shelf model"
+    )
+    random_state: int = Field(
+        default=_F.random_state, description="Seed of the repeats' donor shuffles"
+    )
+
+    def params(self) -> ComparisonParams:
+        return ComparisonParams(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ComparisonParams)}
+        )

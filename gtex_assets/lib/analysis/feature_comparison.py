@@ -368,3 +368,62 @@ def _gene_stats(
         "median_r2_b_significant": float(np.median(mean_b[significant])) if n_sig else nan,
     }
     return table, overall
+
+
+@dataclass(frozen=True)
+class ComparisonParams:
+    """SPEC defaults of feature_comparison (its Config takes them from here)."""
+
+    n_splits: int = 5  # donor folds per repeat (lowered for few donors)
+    inner_splits: int = 4
+    n_repeats: int = 50  # Li et al. 2022 used 50
+    tissue_strata: bool = True  # within-tissue expression task
+    classifier_pcs: int = 0  # 0 = none
+    fdr: float = 0.05
+    selected_model_id: str = ""
+    off_the_shelf_model_id: str = ""
+    random_state: int = 0
+
+
+@dataclass(frozen=True)
+class ComparisonRun:
+    result: ComparisonResult
+    off_the_shelf: str
+    fine_tuned: str
+    n_samples: int
+    plan: object  # selection.FoldPlan
+    tissues_left_out: list[str]
+    missing_off_the_shelf: int  # slides without an off-the-shelf embedding, left out
+
+
+def run_feature_comparison(meta, vec, models, expr, params: ComparisonParams) -> ComparisonRun:
+    """Off-the-shelf vs the selected fine-tuned model on the slides both embedded (and that
+    have expression), tissues with < 3 donors left out of a within-tissue task."""
+    from gtex_assets.core.errors import InputError
+    from gtex_assets.lib.analysis import inputs as I
+    from gtex_assets.lib.analysis.selection import fold_plan, pick_models, tissues_to_keep
+
+    c = pick_models(models, params.selected_model_id, params.off_the_shelf_model_id)
+    if c.off_the_shelf is None or c.off_the_shelf == c.selected:
+        raise InputError("slide_embeddings", "need an off-the-shelf and a fine-tuned model",
+                         f"have {models['model_id'].to_list()}")  # fmt: skip
+    Fb, Y, pm = I.paired(I.model_slides(meta, vec, c.selected), expr)
+    Fa, has = I.aligned(I.model_slides(meta, vec, c.off_the_shelf), pm["tissue_sample_id"])
+    Fb, Y, pm = Fb[has], Y[has], pm[has].reset_index(drop=True)
+    dropped: list[str] = []
+    if params.tissue_strata:
+        keep, dropped = tissues_to_keep(pm["subject_id"].to_numpy(), pm["tissue"].to_numpy())
+        Fa, Fb, Y, pm = Fa[keep], Fb[keep], Y[keep], pm[keep].reset_index(drop=True)
+    groups = pm["subject_id"].astype(str).to_numpy()
+    tissue = pm["tissue"].astype(str).to_numpy()
+    strata = tissue if params.tissue_strata else None
+    plan = fold_plan(groups, params.n_splits, params.inner_splits, params.random_state, strata)
+    res = compare_features(
+        Fa, Fb, tissue, Y, groups, n_splits=plan.n_splits, inner_splits=plan.inner_splits,
+        n_repeats=params.n_repeats, random_state=params.random_state,
+        names=(c.off_the_shelf, c.selected), genes=expr.gene_ids, symbols=expr.symbols,
+        strata=strata, classifier_pcs=params.classifier_pcs or None, fdr=params.fdr,
+    )  # fmt: skip
+    return ComparisonRun(
+        res, c.off_the_shelf, c.selected, len(pm), plan, dropped, int((~has).sum())
+    )
