@@ -424,6 +424,21 @@ _TABLES = (
         ),  # fmt: skip
     ),
     _t(
+        "joint_pca",
+        "analysis",
+        "SPEC §7 joint PCA: the selected model's slide-embedding PCs and the expression PCs of "
+        "the samples with both (long: one row per sample, block and component)",
+        _c(
+            "tissue_sample_id",
+            "subject_id",
+            "tissue",
+            "model_id",
+            block="image (PCA of the slide embeddings) or expression (PCA of log TPM)",
+            component="Principal component (1-based) within the block",
+            score="The sample's score on that component",
+        ),  # fmt: skip
+    ),
+    _t(
         "projection_silhouettes",
         "analysis",
         "Tissue silhouette of each view and space (do clusters sharpen with training?)",
@@ -441,16 +456,46 @@ _TABLES = (
     _t(
         "gene_r2",
         "analysis",
-        "SPEC §8: per-gene R² of expression from the image (the reported model)",
+        "SPEC §8: per-gene R² of expression from the image (the reported model), both views: "
+        "across tissues and within tissue, each with Pearson r, the no-image baseline and a "
+        "donor-bootstrap CI",
         _c(
             "gene",
             "symbol",
-            "rank",
             "model_id",
-            r2="Cross-validated R²",
-            pearson_r="Pearson r of predictions",
-            alpha="Ridge penalty chosen by inner CV",
-            r2_baseline="R² of the no-image baseline",
+            r2="R² of the ranking view (= r2_within by default, r2_across with "
+            "tissue_strata off); what rank and the model choice use",
+            pearson_r="Pearson r of the ranking view",
+            alpha="Ridge penalty of the ranking view: lower median over outer folds of the "
+            "per-fold inner-CV choice",
+            rank="Rank by r2 (1 = best; NaN genes last)",
+            r2_baseline="No-image baseline of the ranking view (= r2_within_baseline or "
+            "r2_across_baseline)",
+            r2_across="Across tissues: 1 - Σ(y - ŷ)² / Σ(y - ȳ)² over all held-out slides, "
+            "ȳ the overall mean; out-of-fold predictions of ridge with one intercept (no tissue "
+            "term) pooled over the outer donor folds",
+            r2_across_ci_low="Lower end of the 95 % donor-bootstrap percentile interval of "
+            "r2_across (donors resampled, predictions fixed)",
+            r2_across_ci_high="Upper end of that interval",
+            pearson_r_across="Pearson r of held-out predictions vs logTPM over all slides",
+            r2_across_baseline="r2_across of the no-image predictor: each held-out slide "
+            "predicted by the training folds' overall mean (below 0)",
+            r2_across_tissue_only="r2_across of the tissue-only predictor (training folds' "
+            "tissue means): what knowing the tissue alone explains",
+            rank_across="Rank by r2_across (1 = best)",
+            r2_within="Within tissue: 1 - Σ(y - ŷ)² / Σ(y - ȳ_tissue)², ȳ_tissue the tissue "
+            "mean; ridge with tissue fixed effects (X and Y centred within tissue in each "
+            "training fold), same slides and folds as r2_across",
+            r2_within_ci_low="Lower end of the 95 % donor-bootstrap percentile interval of "
+            "r2_within",
+            r2_within_ci_high="Upper end of that interval",
+            pearson_r_within="Pearson r of held-out predictions vs logTPM, each centred by "
+            "its tissue mean",
+            r2_within_baseline="r2_within of the no-image predictor (training folds' tissue "
+            "means; below 0)",
+            rank_within="Rank by r2_within (1 = best)",
+            n_slides="Slides both views rest on (tissues with < 3 donors left out of both)",
+            n_donors="Donors both views rest on",
         ),  # fmt: skip
     ),
     _t(

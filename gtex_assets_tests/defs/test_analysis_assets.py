@@ -19,6 +19,7 @@ from gtex_assets.defs.analysis.assets import (
     embedding_views,
     feature_comparison,
     gene_r2,
+    joint_pca,
 )
 from gtex_assets.lib.embeddings import vector_store as V
 from gtex_assets.lib.expression.log_tpm import ExpressionParams, ExpressionResult, write_outputs
@@ -27,6 +28,7 @@ from gtex_assets.resources import DataLakeResource, GTExSourceResource
 TISSUES = ["Lung", "Liver", "Thyroid"]
 N_DONORS, N_GENES, DIM = 14, 60, 24
 LINKED = [f"ENSG{i:011d}.1" for i in range(6)]  # the planted image-linked genes
+MARKERS = [f"ENSG{i:011d}.1" for i in range(6, 12)]  # tissue markers: high in one tissue
 OTS, E1, E5 = "efficientnet_b0-imagenet", "run1-e01", "run1-e05"
 
 
@@ -108,6 +110,11 @@ def _write_inputs(root, mirror) -> None:
     # expression: tissue means for every gene + the factors for the planted ones
     genes = [f"ENSG{i:011d}.1" for i in range(N_GENES)]
     tissue_means = rng.uniform(3, 9, (len(TISSUES), N_GENES))
+    # small tissue differences, except the markers: +8 in one tissue
+    tissue_means = 6.0 + 0.1 * (tissue_means - 6.0)
+    for j in range(6, 12):
+        tissue_means[:, j] = 5.0
+        tissue_means[j % 3, j] += 8.0
     Y = tissue_means[t_idx] + 0.5 * rng.standard_normal((n, N_GENES))
     for g in range(len(LINKED)):
         Y[:, g] += 1.5 * z[:, g % 3]
@@ -153,15 +160,18 @@ def analysis_root(tmp_path):
     return root, mirror
 
 
-def _meta(result, key: str):
-    md = result.asset_materializations_for_node(key)[0].metadata
-    return {k: getattr(v, "value", v) for k, v in md.items()}
+def _meta(result, node: str, key: str | None = None):
+    """Metadata of one asset key of a node (default: the key named like the node)."""
+    key = key or node
+    (m,) = [m for m in result.asset_materializations_for_node(node)
+            if m.asset_key.to_user_string() == key]  # fmt: skip
+    return {k: getattr(v, "value", v) for k, v in m.metadata.items()}
 
 
 def test_analysis_assets_end_to_end(analysis_root):
     root, mirror = analysis_root
     result = dg.materialize(
-        [embedding_views, gene_r2, cluster_transcriptome, feature_comparison],
+        [joint_pca, embedding_views, gene_r2, cluster_transcriptome, feature_comparison],
         resources={
             "lake": DataLakeResource(root=str(root)),
             "gtex_source": GTExSourceResource(source=str(mirror)),
@@ -169,6 +179,7 @@ def test_analysis_assets_end_to_end(analysis_root):
         instance=dg.DagsterInstance.ephemeral(),
         run_config={
             "ops": {
+                "joint_pca": {"config": {"n_components": 10}},
                 "embedding_views": {
                     "config": {"methods": ["tsne"], "n_components": 10, "max_iter": 250}
                 },
@@ -195,6 +206,16 @@ def test_analysis_assets_end_to_end(analysis_root):
     pca = sil[(sil["view"] == "slides") & (sil["space"] == "pca")].set_index("model_id")
     assert pca.loc[E5, "silhouette"] > pca.loc[E1, "silhouette"] > pca.loc[OTS, "silhouette"]
     assert pca.loc[E5, "epoch"] == 5 and pd.isna(pca.loc[OTS, "epoch"])
+    # joint_pca: both blocks' 10 PCs for every paired slide; the joint view is drawn from it
+    jp = pd.read_parquet(tables / "joint_pca.parquet")
+    assert jp.groupby("block").size().to_dict() == {"expression": 420, "image": 420}
+    assert set(jp["model_id"]) == {E5} and jp["component"].max() == 10
+    img = jp[jp["block"] == "image"].pivot(index="tissue_sample_id", columns="component", values="score")
+    np.testing.assert_allclose(img.mean(0), 0, atol=1e-9)  # PCA scores are centred
+    assert (np.diff(img.var(0).to_numpy()) <= 1e-9).all()  # in order of explained variance
+    mj = _meta(result, "joint_pca")
+    assert mj["silhouette_joint"] > mj["silhouette_expression_only"] - 0.5
+    assert mj["dagster/table_name"] == "gtex.main.joint_pca"
     mv = _meta(result, "embedding_views")
     assert mv["silhouette_selected"] > mv["silhouette_off_the_shelf"]
     assert E5 in mv["selected_model_id"]
@@ -204,9 +225,32 @@ def test_analysis_assets_end_to_end(analysis_root):
 
     # gene_r2: the planted genes are the top 6 (within tissue, tissue means removed)
     g = pd.read_parquet(tables / "gene_r2.parquet")
+    views = [f"{m}_{v}{s}" for v in ("across", "within")
+             for m, s in (("r2", ""), ("r2", "_ci_low"), ("r2", "_ci_high"), ("pearson_r", ""),
+                          ("r2", "_baseline"), ("rank", ""))]  # fmt: skip
+    views.insert(6, "r2_across_tissue_only")
     assert list(g.columns) == [
-        "gene", "symbol", "r2", "pearson_r", "alpha", "rank", "r2_baseline", "model_id"
+        "gene", "symbol", "r2", "pearson_r", "alpha", "rank", "r2_baseline", "model_id",
+        *views, "n_slides", "n_donors",
     ]  # fmt: skip
+    # the ranking columns are the within view; both views rest on all 42 slides / 14 donors
+    np.testing.assert_array_equal(g["r2"], g["r2_within"])
+    assert (g["n_slides"] == 42).all() and (g["n_donors"] == N_DONORS).all()
+    # across tissues the markers lead (the image shows the tissue); within, the planted genes
+    across = g.sort_values("rank_across")
+    assert set(across["gene"].head(6)) == set(MARKERS)
+    assert (g.set_index("gene").loc[MARKERS, "r2_across_tissue_only"] > 0.8).all()
+    within = g.sort_values("rank_within")
+    assert set(within["gene"].head(6)) == set(LINKED)
+    assert (g.set_index("gene").loc[MARKERS, "r2_within"] < 0.2).all()
+    # intervals bracket the planted genes' and markers' estimates; the planted genes' lower
+    # ends clear the no-image baseline
+    strong = g.set_index("gene").loc[LINKED + MARKERS]
+    for v in ("across", "within"):
+        assert (strong[f"r2_{v}_ci_low"] <= strong[f"r2_{v}"]).all()
+        assert (strong[f"r2_{v}"] <= strong[f"r2_{v}_ci_high"]).all()
+    lk_ = g.set_index("gene").loc[LINKED]
+    assert (lk_["r2_within_ci_low"] > lk_["r2_within_baseline"]).all()
     # model: best -- every model on the same folds; the fine-tuned E5 predicts best
     assert (g["model_id"] == E5).all()
     gm = pd.read_parquet(tables / "gene_r2_models.parquet").set_index("model_id")
@@ -228,12 +272,21 @@ def test_analysis_assets_end_to_end(analysis_root):
     assert mg["planted_recall_at_k"] == 1.0
     assert mg["mean_r2_non_linked"] < 0.05
     assert mg["n_splits"] == 5 and mg["donors"] == N_DONORS and mg["tissue_strata"] is True
+    assert mg["planted_recall_at_k_within"] == 1.0 and mg["planted_recall_at_k_across"] < 1.0
+    assert "r2_across" in mg["definitions"] and "donor-bootstrap" in mg["definitions"]
+    assert "Σ(y - ȳ_tissue)²" in mg["definitions"]
+    assert set(result.asset_materializations_for_node("gene_r2")[i].asset_key.to_user_string()
+               for i in range(4)) == {"gene_r2", "gene_r2_by_model", "gene_r2_models",
+                                      "gene_r2_folds"}  # fmt: skip
+    schema = mg["dagster/column_schema"]
+    desc = {c.name: c.description for c in schema.columns}
+    assert "tissue fixed effects" in desc["r2_within"] and "overall mean" in desc["r2_across"]
 
     # cluster_transcriptome: per-gene R² of both methods, same genes
     c = pd.read_parquet(tables / "cluster_transcriptome_r2.parquet")
     assert len(c) == N_GENES and {"r2_ridge", "r2_cluster", "delta_r2"} <= set(c.columns)
     assert c.set_index("gene").loc[LINKED, "r2_ridge"].min() > 0.4
-    mc = _meta(result, "cluster_transcriptome")
+    mc = _meta(result, "cluster_transcriptome", "cluster_transcriptome_r2")
     assert np.isfinite(mc["median_r2_cluster"]) and np.isfinite(mc["median_r2_ridge"])
 
     # feature_comparison: p-values per gene, fine-tuned better on the planted genes
@@ -327,7 +380,7 @@ CLUSTER_RUN = {
 def materialize_clusters(root, mirror, assets=None, run_config=None):
     """gene_r2 + cluster_transcriptome on the planted inputs (also used by test_nearest_*)."""
     assets = assets or [gene_r2, cluster_transcriptome]
-    names = {a.key.to_user_string() for a in assets}
+    names = {a.node_def.name for a in assets}  # op names (gene_r2 is a multi_asset)
     ops = (run_config or CLUSTER_RUN)["ops"]
     return dg.materialize(
         assets,
@@ -349,10 +402,12 @@ def test_cluster_transcriptome_serves_lancedb_centroids_idempotently(analysis_ro
     assert result.success
     lk = Lake.at(root)
     m = _meta(result, "cluster_transcriptome")
+    ev = _meta(result, "cluster_transcriptome", "cluster_transcriptome_r2")
     # the held-out evaluation went through LanceDB and agrees with exact search
-    assert "LanceDB" in m["nearest_lookup"]
-    assert m["held_out_assignments"] == 42 and m["assignments_agree_exact"] == 42
-    assert m["model_id"] == E5 and m["centroid_rows_model"] == 6
+    assert "LanceDB" in ev["nearest_lookup"]
+    assert ev["held_out_assignments"] == 42 and ev["assignments_agree_exact"] == 42
+    cm = _meta(result, "cluster_transcriptome", "cluster_centroids")
+    assert m["model_id"] == E5 and cm["centroid_rows_model"] == 6 and cm["fit_id"] == m["fit_id"]
 
     tx = pd.read_parquet(lk.table("cluster_transcriptomes"))
     assert list(tx.columns) == ["model_id", "fit_id", "cluster", "n_slides", "majority_tissue",

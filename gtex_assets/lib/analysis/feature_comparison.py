@@ -9,13 +9,14 @@ fine-tuned on the tissue task) are compared on the same donor-grouped K-fold spl
 (b) expression: per-gene ridge R² (``regression.ridge_gene_r2``: inner-CV penalty per gene,
     pooled out-of-fold R²) of every gene, per repeat.
 
-Statistics (all scipy):
+Statistics (scipy distributions; the signed-rank test vectorised in ``stats``):
 
 - overall accuracy: paired Wilcoxon signed-rank and paired t-test over the R repeat accuracies,
   and the corrected repeated-CV t-test (Nadeau & Bengio 2003; Bouckaert & Frank 2004) over
   the R·K fold differences, whose variance term ``(1/(R·K) + n_test/n_train)`` accounts for the
   overlap of training sets — the plain tests treat repeats as independent and are optimistic.
-- per gene: paired Wilcoxon signed-rank (two-sided) and paired t-test of R²_b vs R²_a over
+- per gene: paired Wilcoxon signed-rank (two-sided; ``stats.wilcoxon_signed_rank``: every gene
+  at once, scipy's exact / permutation / normal-approximation rule decided per gene) and paired t-test of R²_b vs R²_a over
   the R repeats, and the corrected repeated-CV t-test over the R·K fold-level R² differences;
   Benjamini–Hochberg q-values across genes.
 - "genes with a significant image association": genes whose R² is significantly > 0 for *either*
@@ -52,6 +53,7 @@ from gtex_assets.lib.analysis.regression import (
     inner_donor_folds,
     ridge_gene_r2,
 )
+from gtex_assets.lib.analysis.stats import wilcoxon_signed_rank
 
 
 def bh_fdr(p: np.ndarray) -> np.ndarray:
@@ -279,7 +281,7 @@ def _accuracy_stats(acc: pd.DataFrame, folds: pd.DataFrame, ratio: float) -> dic
     d = b - a
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p_w = stats.wilcoxon(b, a).pvalue if len(d) > 1 and np.any(d != 0) else np.nan
+        p_w = wilcoxon_signed_rank(b, a).pvalue[0] if len(d) > 1 else np.nan
         p_t = stats.ttest_rel(b, a).pvalue if len(d) > 1 else np.nan
     fd = (folds["accuracy_b"] - folds["accuracy_a"]).to_numpy()
     t_c, p_c = corrected_repeated_cv_ttest(fd, ratio)
@@ -312,8 +314,7 @@ def _gene_stats(
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         if R > 1:
-            p_w = np.asarray(stats.wilcoxon(B, A, axis=0).pvalue, dtype=np.float64)
-            p_w[np.all(D == 0, axis=0)] = np.nan
+            p_w = wilcoxon_signed_rank(B, A).pvalue  # all genes at once, method per gene
             p_t = np.asarray(stats.ttest_rel(B, A, axis=0).pvalue, dtype=np.float64)
         else:
             p_w = p_t = np.full(g, np.nan)
@@ -367,3 +368,62 @@ def _gene_stats(
         "median_r2_b_significant": float(np.median(mean_b[significant])) if n_sig else nan,
     }
     return table, overall
+
+
+@dataclass(frozen=True)
+class ComparisonParams:
+    """SPEC defaults of feature_comparison (its Config takes them from here)."""
+
+    n_splits: int = 5  # donor folds per repeat (lowered for few donors)
+    inner_splits: int = 4
+    n_repeats: int = 50  # Li et al. 2022 used 50
+    tissue_strata: bool = True  # within-tissue expression task
+    classifier_pcs: int = 0  # 0 = none
+    fdr: float = 0.05
+    selected_model_id: str = ""
+    off_the_shelf_model_id: str = ""
+    random_state: int = 0
+
+
+@dataclass(frozen=True)
+class ComparisonRun:
+    result: ComparisonResult
+    off_the_shelf: str
+    fine_tuned: str
+    n_samples: int
+    plan: object  # selection.FoldPlan
+    tissues_left_out: list[str]
+    missing_off_the_shelf: int  # slides without an off-the-shelf embedding, left out
+
+
+def run_feature_comparison(meta, vec, models, expr, params: ComparisonParams) -> ComparisonRun:
+    """Off-the-shelf vs the selected fine-tuned model on the slides both embedded (and that
+    have expression), tissues with < 3 donors left out of a within-tissue task."""
+    from gtex_assets.core.errors import InputError
+    from gtex_assets.lib.analysis import inputs as I
+    from gtex_assets.lib.analysis.selection import fold_plan, pick_models, tissues_to_keep
+
+    c = pick_models(models, params.selected_model_id, params.off_the_shelf_model_id)
+    if c.off_the_shelf is None or c.off_the_shelf == c.selected:
+        raise InputError("slide_embeddings", "need an off-the-shelf and a fine-tuned model",
+                         f"have {models['model_id'].to_list()}")  # fmt: skip
+    Fb, Y, pm = I.paired(I.model_slides(meta, vec, c.selected), expr)
+    Fa, has = I.aligned(I.model_slides(meta, vec, c.off_the_shelf), pm["tissue_sample_id"])
+    Fb, Y, pm = Fb[has], Y[has], pm[has].reset_index(drop=True)
+    dropped: list[str] = []
+    if params.tissue_strata:
+        keep, dropped = tissues_to_keep(pm["subject_id"].to_numpy(), pm["tissue"].to_numpy())
+        Fa, Fb, Y, pm = Fa[keep], Fb[keep], Y[keep], pm[keep].reset_index(drop=True)
+    groups = pm["subject_id"].astype(str).to_numpy()
+    tissue = pm["tissue"].astype(str).to_numpy()
+    strata = tissue if params.tissue_strata else None
+    plan = fold_plan(groups, params.n_splits, params.inner_splits, params.random_state, strata)
+    res = compare_features(
+        Fa, Fb, tissue, Y, groups, n_splits=plan.n_splits, inner_splits=plan.inner_splits,
+        n_repeats=params.n_repeats, random_state=params.random_state,
+        names=(c.off_the_shelf, c.selected), genes=expr.gene_ids, symbols=expr.symbols,
+        strata=strata, classifier_pcs=params.classifier_pcs or None, fdr=params.fdr,
+    )  # fmt: skip
+    return ComparisonRun(
+        res, c.off_the_shelf, c.selected, len(pm), plan, dropped, int((~has).sum())
+    )

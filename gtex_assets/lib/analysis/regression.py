@@ -645,15 +645,14 @@ def ridge_gene_r2(
     )
 
 
-def baseline_r2(
+def baseline_oof(
     Y: np.ndarray,
     groups: Sequence | np.ndarray,
     folds: np.ndarray,
     strata: Sequence | np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-gene held-out R² of the no-image predictor (the training folds' tissue means, or the
-    overall mean without strata) under the same folds: the score of a gene with no image signal.
-    Below 0 because the means are estimated from the other donors."""
+    """Out-of-fold predictions of the no-image predictor: each held-out sample gets its
+    training fold's tissue mean (``strata``) or overall mean (without)."""
     Y = np.asarray(Y, dtype=np.float64)
     st = None if strata is None else np.asarray(strata)
     oof = np.empty_like(Y)
@@ -663,7 +662,20 @@ def baseline_r2(
             _check_strata_seen(st, np.asarray(groups), tr, te, int(f), None)
         s_tr, s_te = (None, None) if st is None else (st[tr], st[te])
         oof[te] = _center_fit(Y[tr], s_tr, s_te, len(te))[1]
-    return r2_pearson(Y, oof, st)[0]
+    return oof
+
+
+def baseline_r2(
+    Y: np.ndarray,
+    groups: Sequence | np.ndarray,
+    folds: np.ndarray,
+    strata: Sequence | np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-gene held-out R² of the no-image predictor (the training folds' tissue means, or the
+    overall mean without strata) under the same folds: the score of a gene with no image signal.
+    Below 0 because the means are estimated from the other donors."""
+    oof = baseline_oof(Y, groups, folds, strata)
+    return r2_pearson(Y, oof, None if strata is None else np.asarray(strata))[0]
 
 
 # ----------------------------------------------------------------------------- final model
