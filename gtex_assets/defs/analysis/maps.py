@@ -58,6 +58,8 @@ class TileGenePredictionsConfig(dg.Config):
             kinds={"numpy", "parquet"},
             deps=["gene_r2", "slide_embeddings", tile_embeddings, "gene_log_tpm"],
             code_version=MAPS_VERSION,
+            description="SPEC §8 spatial maps: each stored tile's predicted log TPM of the top "
+            "genes (linear in the embedding: the sampled tiles average to the slide's)",
             metadata={"dagster/table_name": MP.TABLE, "dagster/column_schema": _SCHEMA},
         )
     ],  # fmt: skip

@@ -222,6 +222,8 @@ _MODELS_SCHEMA = pa.schema([pa.field(n, pa.string()) for n in E.ModelSpec.__data
             deps=[tile_embeddings],
             code_version=E.EMBEDDING_VERSION,
             metadata=table_spec_metadata("slide_embeddings", V.slide_schema(1)),
+            description="SPEC §7: per model and slide, the mean of its tiles' embeddings and "
+            "its k-means cluster (Parquet + LanceDB slide_embeddings)",
         ),
         dg.AssetSpec(
             "embedding_models",
@@ -230,6 +232,8 @@ _MODELS_SCHEMA = pa.schema([pa.field(n, pa.string()) for n in E.ModelSpec.__data
             deps=[tile_embeddings],
             code_version=E.EMBEDDING_VERSION,
             metadata=table_spec_metadata("embedding_models", _MODELS_SCHEMA),
+            description="The models the embeddings were made with: kind (checkpoint | "
+            "off_the_shelf), backbone or timm encoder, width, input size, normalisation",
         ),
         dg.AssetSpec(
             TILE_STORE_KEY,
