@@ -10,8 +10,9 @@ import polars as pl
 from pydantic import Field
 
 from gtex_assets.core.atomic import write_parquet
+from gtex_assets.core.tables import CATALOG_DATABASE
 from gtex_assets.defs.embeddings.assets import tile_embeddings
-from gtex_assets.defs.metadata import plot_metadata
+from gtex_assets.defs.metadata import column_schema, md_table, plot_metadata, table_metadata
 from gtex_assets.lib.analysis import maps as MP
 from gtex_assets.lib.embeddings import vector_store as V
 from gtex_assets.lib.expression.log_tpm import load_log_tpm
@@ -19,21 +20,10 @@ from gtex_assets.resources import DataLakeResource
 
 MAPS_VERSION = "1"
 _P = MP.MapParams()
-_SCHEMA = dg.TableSchema(
-    columns=[
-        dg.TableColumn("tissue_sample_id", "string", description="the slide"),
-        dg.TableColumn("x", "int32", description="tile's left edge, level-0 pixels"),
-        dg.TableColumn("y", "int32", description="tile's top edge, level-0 pixels"),
-        dg.TableColumn("tile_size", "int32", description="tile edge, level-0 pixels"),
-        dg.TableColumn("sampled", "bool", description="in the balanced sample (its mean = the slide's)"),
-        dg.TableColumn("gene", "string", description="Ensembl gene id"),
-        dg.TableColumn("symbol", "string"),
-        dg.TableColumn("predicted_log_tpm", "float", description="the tile's prediction, "
-                       "ȳ_tissue + (x_tile − x̄_tissue)·β_gene; the mean over the sampled tiles "
-                       "is the slide's prediction"),
-        dg.TableColumn("model_id", "string", description="embedding model (gene_r2's reported one)"),
-    ]
-)  # fmt: skip
+_EMPTY = pl.DataFrame(schema={"tissue_sample_id": pl.Utf8, "x": pl.Int32, "y": pl.Int32,
+                              "tile_size": pl.Int32, "sampled": pl.Boolean, "gene": pl.Utf8,
+                              "symbol": pl.Utf8, "predicted_log_tpm": pl.Float32,
+                              "model_id": pl.Utf8})  # fmt: skip
 
 
 class TileGenePredictionsConfig(dg.Config):
@@ -60,7 +50,10 @@ class TileGenePredictionsConfig(dg.Config):
             code_version=MAPS_VERSION,
             description="SPEC §8 spatial maps: each stored tile's predicted log TPM of the top "
             "genes (linear in the embedding: the sampled tiles average to the slide's)",
-            metadata={"dagster/table_name": MP.TABLE, "dagster/column_schema": _SCHEMA},
+            metadata={
+                "dagster/table_name": f"{CATALOG_DATABASE}.main.{MP.TABLE}",
+                "dagster/column_schema": column_schema(MP.TABLE, _EMPTY),
+            },
         )
     ],  # fmt: skip
     name=MP.TABLE,
@@ -90,16 +83,10 @@ def tile_gene_predictions(
     MP.save_map_model(run.model, MP.map_model_path(lk.models, run.model.model_id))
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": len(run.predictions),
-            "path": dg.MetadataValue.path(str(out)),
-            "dagster/column_schema": _SCHEMA,
+            **table_metadata(run.predictions, out),
             "model_id": run.model.model_id,
-            "genes": dg.MetadataValue.md(
-                pl.DataFrame({"gene": run.model.genes, "symbol": run.model.symbols})
-                .to_pandas()
-                .to_markdown(index=False)
-            ),
-            "slides": dg.MetadataValue.md(run.slides.to_pandas().to_markdown(index=False)),
+            "genes": md_table(pl.DataFrame({"gene": run.model.genes, "symbol": run.model.symbols})),
+            "slides": md_table(run.slides),
             "definition": "tile prediction = ȳ_tissue + (x_tile − x̄_tissue)·β, β = ridge on all "
             "paired slides' embeddings (tissue fixed effects, per-gene λ from gene_r2)",
             **{f"map_{p.stem}": plot_metadata(p) for p in run.pngs},

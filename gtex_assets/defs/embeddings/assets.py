@@ -20,13 +20,15 @@ timm's data config, and flows into gene_r2 / feature_comparison like the other m
 """
 
 import dagster as dg
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from gtex_assets.core.atomic import write_json, write_parquet
+from gtex_assets.core.tables import CATALOG_DATABASE
 from gtex_assets.defs.execution import GPU_OP_TAGS, GPU_POOL
-from gtex_assets.defs.metadata import counts_md, table_metadata
+from gtex_assets.defs.metadata import column_schema, counts_md, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
 from gtex_assets.lib.embeddings import embed as E
 from gtex_assets.lib.embeddings import slide_job as S
@@ -40,13 +42,11 @@ TILE_STORE_KEY = "tile_embedding_store"  # the LanceDB copy of tile_embeddings (
 _DEFAULT_OPTS = E.InferenceOptions()
 
 
-def column_schema(schema: pa.Schema) -> dg.TableSchema:
-    """``dagster/column_schema`` of a table from its Arrow schema (the written columns)."""
-    return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
-
-
-def table_spec_metadata(name: str, schema: pa.Schema) -> dict:
-    return {"dagster/table_name": name, "dagster/column_schema": column_schema(schema)}
+def _spec_metadata(name: str, schema: pa.Schema) -> dict:
+    """A table's ``dagster/table_name`` + ``dagster/column_schema`` (registry descriptions)."""
+    empty = pl.from_arrow(schema.empty_table())
+    return {"dagster/table_name": f"{CATALOG_DATABASE}.main.{name}",
+            "dagster/column_schema": column_schema(name, empty)}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class TileEmbeddingsConfig(dg.Config):
     pool=GPU_POOL,  # one inference job on the accelerator (or the CPU cores) at a time
     op_tags=GPU_OP_TAGS,
     code_version=E.EMBEDDING_VERSION,
-    metadata={"dagster/table_name": "tile_embeddings"},
+    metadata=_spec_metadata("tile_embeddings", V.tile_schema(1)),
 )
 def tile_embeddings(
     context: dg.AssetExecutionContext, config: TileEmbeddingsConfig, lake: DataLakeResource
@@ -172,7 +172,7 @@ def tile_embeddings(
             "device": str(device),
             "tiles_per_second_batch": T.tiles_per_second(run),
             "models": dg.MetadataValue.md(run.models_table(specs).to_markdown(index=False)),
-            "dagster/column_schema": column_schema(V.tile_schema(run.width)),
+            **_spec_metadata("tile_embeddings", V.tile_schema(run.width)),
             "table": dg.MetadataValue.path(str(lk.partition_dir(T.TILE_DIR))),
         }  # fmt: skip
     )
@@ -221,7 +221,7 @@ _MODELS_SCHEMA = pa.schema([pa.field(n, pa.string()) for n in E.ModelSpec.__data
             kinds={"lancedb", "parquet"},
             deps=[tile_embeddings],
             code_version=E.EMBEDDING_VERSION,
-            metadata=table_spec_metadata("slide_embeddings", V.slide_schema(1)),
+            metadata=_spec_metadata("slide_embeddings", V.slide_schema(1)),
             description="SPEC §7: per model and slide, the mean of its tiles' embeddings and "
             "its k-means cluster (Parquet + LanceDB slide_embeddings)",
         ),
@@ -231,7 +231,7 @@ _MODELS_SCHEMA = pa.schema([pa.field(n, pa.string()) for n in E.ModelSpec.__data
             kinds={"parquet"},
             deps=[tile_embeddings],
             code_version=E.EMBEDDING_VERSION,
-            metadata=table_spec_metadata("embedding_models", _MODELS_SCHEMA),
+            metadata=_spec_metadata("embedding_models", _MODELS_SCHEMA),
             description="The models the embeddings were made with: kind (checkpoint | "
             "off_the_shelf), backbone or timm encoder, width, input size, normalisation",
         ),
@@ -269,7 +269,7 @@ def slide_embeddings(
                                      index_type=config.index_type)  # fmt: skip
     yield dg.MaterializeResult(asset_key="slide_embeddings", metadata={
         **table_metadata(run.meta, out), "dim": run.width,
-        "dagster/column_schema": column_schema(run.table.schema),
+        **_spec_metadata("slide_embeddings", run.table.schema),
         "slides": int(run.meta["tissue_sample_id"].nunique()),
         "slide_means_recomputed": run.recomputed,
         "clusters": dg.MetadataValue.md(run.cluster_summary.to_markdown(index=False)),

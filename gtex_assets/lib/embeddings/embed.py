@@ -753,27 +753,32 @@ def encoder_spec(text: str) -> ModelSpec:
     """A timm encoder config string -> the :class:`ModelSpec` of an off-the-shelf arm. Builds
     the encoder (downloads hub weights once) to learn its input size, normalisation and width;
     the built model is kept for :func:`load_model` (one model cached)."""
-    enc = _encoder(M.parse_encoder(text).text())
-    if enc.weights_source.startswith("file:"):
-        fp = file_fingerprint(enc.weights_source[len("file:") :])
-    else:  # hub/timm weights: the spec and timm's version name them; random: seeded
-        fp = params_hash({"encoder": enc.encoder, "source": enc.weights_source})
+    enc_spec = M.parse_encoder(text)
+    canonical = enc_spec.text()
+    local = enc_spec.weights not in ("pretrained", "none")
+    file_fp = (
+        file_fingerprint(enc_spec.weights) if local and Path(enc_spec.weights).is_file() else ""
+    )
+    enc = _encoder(canonical, file_fp)
+    # hub/timm weights: the spec and timm's source name them; random: seeded
+    fp = file_fp or params_hash({"encoder": canonical, "source": enc.weights_source})
     return ModelSpec(
         model_id=enc.model_id,
         kind="off_the_shelf",
-        backbone=M.parse_encoder(enc.encoder).model,
-        weights=M.parse_encoder(enc.encoder).weights,
+        backbone=enc_spec.model,
+        weights=enc_spec.weights,
         input_size=enc.input_size,
         fingerprint=fp,
-        encoder=enc.encoder,
+        encoder=canonical,
         feature_dim=enc.feature_dim,
         normalization=enc.normalization,
     )
 
 
 @functools.lru_cache(maxsize=1)
-def _encoder(text: str) -> M.TimmEncoder:
-    # Selection and embedding build the same encoder; a foundation model's weights are GBs.
+def _encoder(text: str, file_fp: str) -> M.TimmEncoder:
+    # Selection and embedding build the same encoder (a foundation model's weights are GBs);
+    # keyed on the weights file's hash too, so an edited file is never served from the cache.
     return M.build_encoder(text)
 
 
@@ -793,12 +798,13 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module
         model, _card = M.load_checkpoint(spec.path, device=device)
         return model.eval()
     if spec.encoder:
-        enc = _encoder(spec.encoder)
-        if enc.model_id != spec.model_id or (
-            enc.weights_source.startswith("file:")
-            and file_fingerprint(spec.weights) != spec.fingerprint
-        ):
+        local = spec.weights not in ("pretrained", "none")
+        file_fp = file_fingerprint(spec.weights) if local else ""
+        if local and file_fp != spec.fingerprint:
             raise RuntimeError(f"encoder {spec.encoder} changed since selection ({spec.model_id})")
+        enc = _encoder(spec.encoder, file_fp)
+        if enc.model_id != spec.model_id:
+            raise RuntimeError(f"encoder {spec.encoder} is now {enc.model_id}, not {spec.model_id}")
         return enc.to(device).eval()
     model = build_off_the_shelf(spec.backbone, spec.weights)
     if model.model_id != spec.model_id:
