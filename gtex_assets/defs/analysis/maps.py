@@ -12,7 +12,13 @@ from pydantic import Field
 from gtex_assets.core.atomic import write_parquet
 from gtex_assets.core.tables import CATALOG_DATABASE
 from gtex_assets.defs.embeddings.assets import tile_embeddings
-from gtex_assets.defs.metadata import column_schema, md_table, plot_metadata, table_metadata
+from gtex_assets.defs.metadata import (
+    column_schema,
+    input_failure,
+    md_table,
+    plot_metadata,
+    table_metadata,
+)
 from gtex_assets.lib.analysis import maps as MP
 from gtex_assets.lib.embeddings import vector_store as V
 from gtex_assets.lib.expression.log_tpm import load_log_tpm
@@ -78,7 +84,7 @@ def tile_gene_predictions(
             plots_dir=lk.plots / "analysis" / "maps", params=config.params(),
         )  # fmt: skip
     except (FileNotFoundError, ValueError, KeyError) as e:
-        raise dg.Failure(description=f"tile_gene_predictions: {e}") from e
+        raise input_failure(e) from e
     out = write_parquet(run.predictions.to_arrow(), lk.table(MP.TABLE))
     MP.save_map_model(run.model, MP.map_model_path(lk.models, run.model.model_id))
     return dg.MaterializeResult(

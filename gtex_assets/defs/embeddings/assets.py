@@ -25,10 +25,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from gtex_assets.core.atomic import write_json, write_parquet
+from gtex_assets.core.atomic import write_parquet
 from gtex_assets.core.tables import CATALOG_DATABASE
 from gtex_assets.defs.execution import GPU_OP_TAGS, GPU_POOL
-from gtex_assets.defs.metadata import column_schema, counts_md, table_metadata
+from gtex_assets.defs.metadata import column_schema, counts_md, input_failure, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
 from gtex_assets.lib.embeddings import embed as E
 from gtex_assets.lib.embeddings import slide_job as S
@@ -141,12 +141,9 @@ def tile_embeddings(
             off_the_shelf=config.off_the_shelf, backbone=config.backbone,
             weights=config.off_the_shelf_weights or None, encoders=config.encoders,
         )  # fmt: skip
+        S.write_model_cards(lk, specs)
     except (FileNotFoundError, ValueError, E.M.WeightsUnavailable) as e:
-        raise dg.Failure(description=str(e)) from e
-    if not specs:
-        raise dg.Failure(description="no models selected (checkpoints='none', off_the_shelf=false)")
-    for spec in specs:
-        write_json(spec.as_dict(), lk.models / S.MODEL_SIDECARS / f"{spec.model_id}.json")
+        raise input_failure(e) from e
     device = resolve_device(config.device)
     run = T.embed_slides(
         lk, keys, sample, specs, all_filtered=config.all_filtered_tiles,
@@ -160,11 +157,6 @@ def tile_embeddings(
                                     "undecodable_tiles": o.failed,
                                     "models_reused": ", ".join(o.models_reused) or "none"},
                                    partition_key=o.sample_id)  # fmt: skip
-    context.log.info(
-        f"{len(keys)} slides: {run.count('embedded')} embedded, {run.count('unchanged')} "
-        f"unchanged, {run.count('empty')} without tiles; {run.tiles} tile embeddings at "
-        f"{T.tiles_per_second(run)}/s on {device}"
-    )
     # What every slide of the batch shares: the models, the device, the table's columns.
     return dg.MaterializeResult(
         metadata={
@@ -259,7 +251,7 @@ def slide_embeddings(
         sids = S.current_slides(lk, context.instance.get_dynamic_partitions(slide_partitions.name))
         run = S.update_slide_embeddings(lk, store, sids, config.params())
     except (FileNotFoundError, ValueError) as e:
-        raise dg.Failure(description=str(e)) from e
+        raise input_failure(e) from e
     out = write_parquet(run.table, lk.table(S.SLIDE_TABLE_FILE))
     store.overwrite(V.SLIDE_TABLE, run.table)
     store.optimize(V.SLIDE_TABLE)  # drop data files of old versions (older than an hour)

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from gtex_assets.core.atomic import params_hash
+from gtex_assets.core.atomic import params_hash, write_json
 from gtex_assets.core.lake import Lake
 from gtex_assets.lib.embeddings import embed as E
 from gtex_assets.lib.embeddings import vector_store as V
@@ -139,6 +139,17 @@ def clusters(
         summary.append({"model_id": mid, "slides": len(idx), "clusters": k,
                         "ari_vs_tissue": round(float(adjusted_rand_score(tissue, labels)), 4)})  # fmt: skip
     return out, pd.DataFrame(summary)
+
+
+def write_model_cards(lk: Lake, specs: Sequence[E.ModelSpec]) -> None:
+    """One JSON card per model (``models/embedding_models/<model_id>.json``), read back by
+    :func:`models_table`; a run without models is an error naming the config."""
+    if not specs:
+        raise ValueError(
+            "no models selected (checkpoints='none', off_the_shelf=false, no encoders)"
+        )
+    for spec in specs:
+        write_json(spec.as_dict(), lk.models / MODEL_SIDECARS / f"{spec.model_id}.json")
 
 
 def models_table(lk: Lake, model_ids: Sequence[str]) -> pd.DataFrame:
@@ -264,4 +275,5 @@ __all__ = [
     "models_table",
     "slide_rows",
     "update_slide_embeddings",
+    "write_model_cards",
 ]
