@@ -52,7 +52,15 @@ class TileGenePredictionsConfig(dg.Config):
             MP.TABLE,
             group_name="analysis",
             kinds={"numpy", "parquet"},
-            deps=["gene_r2", "slide_embeddings", tile_embeddings, "gene_log_tpm"],
+            deps=[
+                "gene_r2",
+                "slide_embeddings",
+                tile_embeddings,
+                "filtered_tiles",
+                "expression_matrix",
+                "expression_genes",
+                "expression_samples",
+            ],
             code_version=MAPS_VERSION,
             description="SPEC §8 spatial maps: each stored tile's predicted log TPM of the top "
             "genes (linear in the embedding: the sampled tiles average to the slide's)",

@@ -119,7 +119,8 @@ class TileEmbeddingsConfig(dg.Config):
     kinds={"pytorch", "parquet"},
     partitions_def=slide_partitions,
     backfill_policy=SLIDE_BATCH,
-    deps=[dg.AssetKey("tissue_classifier"), dg.AssetKey("balanced_tile_sample")],
+    # the weights, the checkpoint table naming them, the tiles (+ every kept tile, optionally)
+    deps=["tissue_classifier", "classifier_checkpoints", "balanced_tile_sample", "filtered_tiles"],
     pool=GPU_POOL,  # one inference job on the accelerator (or the CPU cores) at a time
     op_tags=GPU_OP_TAGS,
     code_version=E.EMBEDDING_VERSION,
