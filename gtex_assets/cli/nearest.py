@@ -10,6 +10,12 @@ Predicted transcriptome (the mean expression of the nearest cluster of `cluster_
 
 prints the top genes by predicted log TPM; --json and --out give every gene.
 
+Spatial map of one gene over a new slide (needs the tile_gene_predictions asset):
+
+    gtex-assets nearest --slide path/to/slide.svs --map GENE --out map.png [--tissue TISSUE]
+
+tiles the slide, embeds every kept tile and colours each by its predicted log TPM.
+
 Wired into ``gtex_assets.cli`` with :func:`add_nearest_subcommand` (argparse only).
 """
 
@@ -49,7 +55,16 @@ def add_nearest_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         metavar="FILE",
-        help="--transcriptome: write every gene to FILE (.parquet or .csv)",
+        help="--transcriptome: write every gene to FILE (.parquet or .csv); --map: the PNG",
+    )
+    p.add_argument(
+        "--map",
+        metavar="GENE",
+        help="with --slide: map GENE's predicted expression over the slide (gene id or symbol)",
+    )
+    p.add_argument(
+        "--tissue",
+        help="--map: the slide's tissue (default: the majority tissue of its nearest slides)",
     )
     p.add_argument("--data-root", help="default: $GTEX_DATA_ROOT or ./gtex_data")
     p.set_defaults(fn=cmd_nearest)
@@ -139,15 +154,50 @@ def cmd_transcriptome(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    if not args.slide or args.transcriptome or args.tiles:
+        print("error: --map takes --slide FILE (no --transcriptome or --tiles)", file=sys.stderr)
+        return 2
+    if not args.out or not args.out.endswith(".png"):
+        print("error: --map needs --out FILE.png", file=sys.stderr)
+        return 2
+    from gtex_assets.core.lake import DEFAULT_DATA_ROOT, Lake
+    from gtex_assets.lib.lookup.maps import slide_map
+    from gtex_assets.lib.lookup.nearest import NearestError
+
+    root = Lake.at(args.data_root or os.environ.get("GTEX_DATA_ROOT") or DEFAULT_DATA_ROOT).root
+    try:
+        res = slide_map(args.slide, args.map, args.out, model_id=args.model_id,
+                        tissue=args.tissue, data_root=root)  # fmt: skip
+    except (NearestError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        rows = res.tiles.select("x", "y", "predicted_log_tpm").to_dicts()
+        print(json.dumps({**res.query, "tiles": rows}, indent=1, default=str))
+        return 0
+    q = res.query
+    v = res.tiles["predicted_log_tpm"]
+    print(f"map of {q['symbol']} ({q['gene']}) over {q['slide']}: {q['n_tiles']} tiles "
+          f"({q['how']}), model {q['model_id']}, tissue effect {q['tissue'] or 'overall mean'}")  # fmt: skip
+    print(
+        f"predicted log TPM: slide {q['slide_prediction']:.3f}, tiles {v.min():.3f} .. {v.max():.3f}"
+    )
+    print(f"wrote {q['png']}")
+    return 0
+
+
 def cmd_nearest(args: argparse.Namespace) -> int:
     given = [v for v in (args.sample_id, args.slide, args.tile) if v]
     if len(given) != 1:
         print("error: give exactly one of SAMPLE_ID, --slide FILE or --tile IMAGE", file=sys.stderr)
         return 2
+    if args.map:
+        return cmd_map(args)
     if args.transcriptome:
         return cmd_transcriptome(args)
     if args.out:
-        print("error: --out needs --transcriptome", file=sys.stderr)
+        print("error: --out needs --transcriptome or --map", file=sys.stderr)
         return 2
     if args.k < 1:
         print(f"error: -k must be >= 1, got {args.k}", file=sys.stderr)

@@ -406,9 +406,31 @@ _TABLES = (
             input_size="Input pixels",
             selected="The classifier's selected checkpoint",
             fingerprint="Hash of the weights",
+            encoder="timm encoder config string (backbones.parse_encoder); empty for torchvision",
+            feature_dim="The model's own feature width (stored vectors are zero-padded to the "
+            "widest model's; the first feature_dim values are the model's)",
+            normalization="Input normalisation the model applies (imagenet, or its mean/std)",
         ),  # fmt: skip
     ),
     # analysis
+    _t(
+        "tile_gene_predictions",
+        "analysis",
+        "SPEC §8 spatial maps: each stored tile's predicted log TPM of the mapped genes, "
+        "ȳ_tissue + (x_tile − x̄_tissue)·β_gene (ridge on slide embeddings, tissue fixed effects, "
+        "gene_r2's per-gene λ); the mean over a slide's sampled tiles is its prediction",
+        _c(
+            "tissue_sample_id",
+            "x",
+            "y",
+            "tile_size",
+            "gene",
+            "symbol",
+            "model_id",
+            sampled="In the balanced sample (these average to the slide's prediction)",
+            predicted_log_tpm="The tile's predicted log2(1 + TPM)",
+        ),  # fmt: skip
+    ),
     _t(
         "projection_coords",
         "analysis",

@@ -132,8 +132,26 @@ def _check_passed(result: dg.ExecuteInProcessResult) -> bool:
 
 
 def _meta(result: dg.ExecuteInProcessResult, key: str) -> dict:
-    mats = result.asset_materializations_for_node(key)
+    mats = [
+        e.materialization
+        for e in result.get_asset_materialization_events()
+        if e.materialization.asset_key.to_user_string() == key
+    ]
     return {k: v.value for k, v in mats[-1].metadata.items()}
+
+
+def _slides_meta(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
+    """tile_embeddings: each partition's own metadata (status, tiles computed ...)."""
+    mats = result.asset_materializations_for_node("tile_embeddings")
+    return {m.partition: {k: v.value for k, v in m.metadata.items()} for m in mats}
+
+
+def _count(result: dg.ExecuteInProcessResult, status: str) -> int:
+    return sum(m["status"] == status for m in _slides_meta(result).values())
+
+
+def _computed(result: dg.ExecuteInProcessResult) -> int:
+    return sum(m["tile_embeddings_computed"] for m in _slides_meta(result).values())
 
 
 @pytest.fixture(scope="session")
@@ -176,9 +194,12 @@ def test_tile_embeddings_rows_shapes_and_model_ids(embedded_lake):
     a = tiles[tiles["model_id"] == CKPT_MODEL_ID].sort_values("tile_id")
     b = tiles[tiles["model_id"] == OTS_MODEL_ID].sort_values("tile_id")
     assert not np.allclose(np.stack(a["vector"]), np.stack(b["vector"]))
-    meta = _meta(embedded_lake["first"][0], "tile_embeddings")
-    assert meta["slides_embedded"] == len(embedded_lake["ids"])
-    assert meta["tile_embeddings_computed"] == 2 * len(sample)
+    per_slide = _slides_meta(embedded_lake["first"][0])
+    assert sorted(per_slide) == embedded_lake["ids"]  # one event per slide, its own numbers
+    assert {m["status"] for m in per_slide.values()} == {"embedded"}
+    n_tiles = sample.groupby("tissue_sample_id").size()
+    assert all(m["tile_embeddings_computed"] == 2 * n_tiles[s] for s, m in per_slide.items())
+    assert per_slide[embedded_lake["ids"][0]]["vector_width"] == 1280
 
 
 def test_slide_embedding_is_mean_of_its_tiles_and_stored_in_lancedb(embedded_lake):
@@ -224,8 +245,8 @@ def test_rerun_is_idempotent(embedded_lake):
     )
     assert (store.count(V.TILE_TABLE), store.count(V.SLIDE_TABLE)) == before
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # skipped: same tiles + weights
-    m1, m2 = _meta(r1, "tile_embeddings"), _meta(r2, "slide_embeddings")
-    assert m1["slides_unchanged"] == len(files) and m1["tile_embeddings_computed"] == 0
+    m2 = _meta(r2, "tile_embedding_store")
+    assert _count(r1, "unchanged") == len(files) and _computed(r1) == 0
     assert m2["slides_loaded"] == 0 and m2["rows_inserted"] == 0
     assert _check_passed(r2)
     slides_after = pd.read_parquet(lk.table("slide_embeddings"))
@@ -239,14 +260,14 @@ def test_rerun_is_idempotent(embedded_lake):
     write_parquet(t.set_column(i, "content_hash", pa.array(["changed"] * t.num_rows)), one)
     resources = {"lake": DataLakeResource(root=str(embedded_lake["root"]))}
     r2 = dg.materialize([slide_embeddings], resources=resources, instance=embedded_lake["instance"])
-    assert _meta(r2, "slide_embeddings")["slides_loaded"] == 1
+    assert _meta(r2, "tile_embedding_store")["slides_loaded"] == 1
     assert (store.count(V.TILE_TABLE), store.count(V.SLIDE_TABLE)) == before
     # tile_embeddings notices the foreign hash and re-embeds that slide only.
     r1, r2 = materialize_embeddings(
         embedded_lake["root"], embedded_lake["mirror"], embedded_lake["instance"], [one.stem]
     )
-    assert _meta(r1, "tile_embeddings")["slides_embedded"] == 1
-    assert _meta(r2, "slide_embeddings")["slides_loaded"] == 1
+    assert _count(r1, "embedded") == 1
+    assert _meta(r2, "tile_embedding_store")["slides_loaded"] == 1
     assert (store.count(V.TILE_TABLE), store.count(V.SLIDE_TABLE)) == before
     restored = pq.read_table(one)
     assert restored.column("content_hash").to_pylist() != ["changed"] * restored.num_rows

@@ -621,6 +621,11 @@ class ModelSpec:
     input_size: int = DEFAULT_INPUT_SIZE
     selected: bool = False  # the classifier's selected checkpoint (default for lookups)
     fingerprint: str = ""  # changes when the weights change
+    encoder: str = (
+        ""  # timm encoder config string (lib.model.backbones.parse_encoder); "" = torchvision
+    )
+    feature_dim: int | None = None  # the model's own width (stored vectors may be zero-padded)
+    normalization: str = "imagenet"  # the input normalisation the model applies to its tiles
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -666,6 +671,7 @@ def checkpoint_spec(row: dict[str, Any]) -> ModelSpec:
         input_size=int(card.get("input_size") or DEFAULT_INPUT_SIZE),
         selected=bool(row.get("selected", False)),
         fingerprint=file_fingerprint(path),
+        feature_dim=int(card.get("feature_dim") or M.BACKBONES[str(card["backbone"])]),
     )
 
 
@@ -691,6 +697,7 @@ def select_models(
     off_the_shelf: bool = True,
     backbone: str = M.DEFAULT_BACKBONE,
     weights: str | None = None,
+    encoders: Sequence[str] = (),
 ) -> list[ModelSpec]:
     """The models to embed with: classifier checkpoints + the off-the-shelf backbone.
 
@@ -698,7 +705,8 @@ def select_models(
     or ``none``; ``epochs`` narrows to those epochs. The off-the-shelf model uses the backbone
     and pretrained-weights setting of the checkpoints' cards (so it is the same starting point
     the fine-tuning had), else ``backbone``/``weights`` (default ImageNet, or random init when
-    ImageNet weights are unavailable; the model id says which).
+    ImageNet weights are unavailable; the model id says which). ``encoders``: further
+    off-the-shelf arms, timm encoder strings (:func:`encoder_spec`).
     """
     if which not in ("latest_run", "selected", "all", "none"):
         raise ValueError(f"checkpoints {which!r}: use latest_run, selected, all or none")
@@ -730,13 +738,48 @@ def select_models(
                 weights=w if model.weights_source != "random" else "none",
                 input_size=specs[0].input_size if specs else DEFAULT_INPUT_SIZE,
                 fingerprint=params_hash({"weights_source": model.weights_source, "seed": 0}),
+                feature_dim=int(model.feature_dim),
             )
         )
+    specs.extend(encoder_spec(text) for text in encoders)
     ids = [s.model_id for s in specs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise ValueError(f"model ids are not unique: {dup}")
     return specs
+
+
+def encoder_spec(text: str) -> ModelSpec:
+    """A timm encoder config string -> the :class:`ModelSpec` of an off-the-shelf arm. Builds
+    the encoder (downloads hub weights once) to learn its input size, normalisation and width;
+    the built model is kept for :func:`load_model` (one model cached)."""
+    enc_spec = M.parse_encoder(text)
+    canonical = enc_spec.text()
+    local = enc_spec.weights not in ("pretrained", "none")
+    file_fp = (
+        file_fingerprint(enc_spec.weights) if local and Path(enc_spec.weights).is_file() else ""
+    )
+    enc = _encoder(canonical, file_fp)
+    # hub/timm weights: the spec and timm's source name them; random: seeded
+    fp = file_fp or params_hash({"encoder": canonical, "source": enc.weights_source})
+    return ModelSpec(
+        model_id=enc.model_id,
+        kind="off_the_shelf",
+        backbone=enc_spec.model,
+        weights=enc_spec.weights,
+        input_size=enc.input_size,
+        fingerprint=fp,
+        encoder=canonical,
+        feature_dim=enc.feature_dim,
+        normalization=enc.normalization,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _encoder(text: str, file_fp: str) -> M.TimmEncoder:
+    # Selection and embedding build the same encoder (a foundation model's weights are GBs);
+    # keyed on the weights file's hash too, so an edited file is never served from the cache.
+    return M.build_encoder(text)
 
 
 def build_off_the_shelf(backbone: str, weights: str) -> M.TissueNet:
@@ -754,6 +797,15 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu") -> nn.Module
             raise RuntimeError(f"checkpoint {spec.path} changed while embedding ({spec.model_id})")
         model, _card = M.load_checkpoint(spec.path, device=device)
         return model.eval()
+    if spec.encoder:
+        local = spec.weights not in ("pretrained", "none")
+        file_fp = file_fingerprint(spec.weights) if local else ""
+        if local and file_fp != spec.fingerprint:
+            raise RuntimeError(f"encoder {spec.encoder} changed since selection ({spec.model_id})")
+        enc = _encoder(spec.encoder, file_fp)
+        if enc.model_id != spec.model_id:
+            raise RuntimeError(f"encoder {spec.encoder} is now {enc.model_id}, not {spec.model_id}")
+        return enc.to(device).eval()
     model = build_off_the_shelf(spec.backbone, spec.weights)
     if model.model_id != spec.model_id:
         raise RuntimeError(f"off-the-shelf model is now {model.model_id}, expected {spec.model_id}")
@@ -815,3 +867,20 @@ def slide_means(
     groups = first[by].copy()
     groups["n_tiles"] = counts.astype(np.int32)
     return groups, means
+
+
+def fit_width(vectors: np.ndarray, feature_dim: int | None, width: int) -> np.ndarray:
+    """A model's vectors at the store's common ``width``: its first ``feature_dim`` values,
+    zero-padded. Why: Parquet/LanceDB columns hold one vector size, and encoders differ (192
+    to 2,560). Zero columns change nothing downstream -- centred ridge, PCA, cosine and
+    Euclidean distances, k-means and the RBF 'scale' heuristic (its n_features x variance of
+    centred data is the sum of squares per row) are all exactly invariant to them."""
+    v = np.asarray(vectors, dtype=np.float32)
+    d = int(feature_dim or v.shape[1])
+    if d > width:
+        raise ValueError(f"vectors of width {d} do not fit in {width}")
+    if v.shape[1] == width and d == width:
+        return v
+    out = np.zeros((len(v), width), dtype=np.float32)
+    out[:, :d] = v[:, :d]
+    return out

@@ -289,6 +289,16 @@ class VectorStore:
                 tbl.delete(in_filter(partition_col, chunk))
             return int(before - tbl.count_rows())
 
+    def width(self, name: str) -> int:
+        """The vector width of table ``name``."""
+        return int(self.open(name).schema.field(VECTOR).type.list_size)
+
+    def drop(self, name: str) -> None:
+        """Remove table ``name`` (e.g. to rebuild it at another vector width)."""
+        with self.writer():
+            if self.has_table(name):
+                self.db.drop_table(name)
+
     def overwrite(self, name: str, data: pa.Table) -> WriteStats:
         """Replace the whole table with ``data`` (one new version; readers see old or new)."""
         with self.writer():

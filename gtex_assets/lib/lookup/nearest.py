@@ -121,6 +121,8 @@ def _spec_for(lk: Lake, model_id: str):
     if kw.get("epoch") is not None:
         kw["epoch"] = int(kw["epoch"])
     kw["input_size"] = int(kw.get("input_size") or 224)
+    if kw.get("feature_dim") is not None:
+        kw["feature_dim"] = int(kw["feature_dim"])
     return ModelSpec(**kw)
 
 
@@ -242,6 +244,15 @@ def slide_file_tiles(
     """Tile a slide file into ``workdir`` with the project's tiler + quality filters; returns
     (up to ``max_tiles`` kept tile paths, how it was tiled). A file the tiler cannot open but
     Pillow can (a plain image) is cut into a simple 448-px grid instead."""
+    frame, how = slide_file_tile_frame(slide, workdir, max_tiles, sample_id)
+    return list(frame["path"]), how
+
+
+def slide_file_tile_frame(
+    slide: str | Path, workdir: Path, max_tiles: int = DEFAULT_MAX_TILES, sample_id: str = ""
+) -> tuple[pd.DataFrame, str]:
+    """:func:`slide_file_tiles` with each tile's position: (``x``, ``y``, ``tile_size``,
+    ``path`` rows, how it was tiled)."""
     slide = Path(slide)
     if not slide.is_file():
         raise NearestError(f"slide file {slide} does not exist")
@@ -265,10 +276,10 @@ def slide_file_tiles(
             judged = apply_filters(outcome.index, QualityThresholds()).assign(tissue_sample_id=sid)
             kept = judged[judged["verdict"] == "kept"]
             if len(kept):
-                return list(_draw(kept, max_tiles)["path"]), "tiler+filters"
+                return _positions(_draw(kept, max_tiles)), "tiler+filters"
             ok = judged[judged["status"] == "ok"]
             if len(ok):  # better an answer from imperfect tiles than none; the query says so
-                return list(_draw(ok, max_tiles)["path"]), "tiler, no tile passed the filters"
+                return _positions(_draw(ok, max_tiles)), "tiler, no tile passed the filters"
             raise NearestError(f"slide file {slide}: no readable tissue tile")
         reason = outcome.status.get("reason") if outcome is not None else "no outcome"
         if outcome is not None and outcome.status.get("status") in ("no_tissue", "too_small"):
@@ -278,7 +289,13 @@ def slide_file_tiles(
     return _grid_tiles(slide, workdir, max_tiles), "simple grid"
 
 
-def _grid_tiles(path: Path, workdir: Path, max_tiles: int, tile: int = 448) -> list[str]:
+def _positions(tiles: pd.DataFrame) -> pd.DataFrame:
+    out = tiles[["x", "y", "path"]].copy()
+    out["tile_size"] = tiles["tile_size"] if "tile_size" in tiles.columns else 448
+    return out.reset_index(drop=True)
+
+
+def _grid_tiles(path: Path, workdir: Path, max_tiles: int, tile: int = 448) -> pd.DataFrame:
     """Fallback: non-overlapping tiles of a plain image, most textured (least blank) first."""
     from PIL import Image
 
@@ -301,8 +318,8 @@ def _grid_tiles(path: Path, workdir: Path, max_tiles: int, tile: int = 448) -> l
     for _std, x, y in cands[:max_tiles]:
         p = workdir / "tiles" / f"{x}_{y}.jpg"
         Image.fromarray(rgb[y : y + tile, x : x + tile]).save(p, quality=90)
-        out.append(str(p))
-    return out
+        out.append({"x": x, "y": y, "path": str(p), "tile_size": tile})
+    return pd.DataFrame(out, columns=["x", "y", "path", "tile_size"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +410,20 @@ def _query_vector(
         raise NearestError(f"query {given}: no tile could be embedded")
     if emb._emb is not None:
         query["precision"] = emb._emb.precision
-    return np.asarray(vec)
+    return store_width_vector(store, np.asarray(vec))
+
+
+def store_width_vector(store: VectorStore, vec: np.ndarray) -> np.ndarray:
+    """A query embedded at its model's own width, zero-padded to the store's vector width
+    (models of different widths share the tables padded; see embed.fit_width)."""
+    if not store.has_table(SLIDE_TABLE):
+        return vec
+    width = store.width(SLIDE_TABLE)
+    if vec.shape[-1] >= width:
+        return vec
+    from gtex_assets.lib.embeddings.embed import fit_width
+
+    return fit_width(vec.reshape(-1, vec.shape[-1]), None, width).reshape(*vec.shape[:-1], width)
 
 
 def _one_query(sample_id, slide, tile) -> None:

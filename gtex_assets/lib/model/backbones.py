@@ -31,6 +31,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +409,273 @@ def off_the_shelf_model(
 
 
 # --------------------------------------------------------------------------------------------
+# Pathology foundation-model encoders through timm (SPEC §8 "off-the-shelf encoders")
+# --------------------------------------------------------------------------------------------
+
+# Keys of an encoder text that configure the input instead of timm's constructor.
+_INPUT_KEYS = ("mean", "std", "input_size")
+POOLS = ("head", "cls_mean")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A timm encoder: what :func:`build_encoder` builds, parsed from one config string.
+
+    ``model``: a timm name, ``hf-hub:<org>/<repo>`` (weights from the Hugging Face hub) or a
+    timm architecture (``vit_large_patch16_224``). ``weights``: ``pretrained`` (the hub / timm's
+    own weights), a local state_dict file, or ``none`` (seeded random init, for tests).
+    ``kwargs``: timm constructor arguments (dotted names of ``*_layer`` values are imported);
+    ``mean``/``std``/``input_size`` override timm's data config (a local file has no card).
+    ``pool``: ``head`` (the model's own pooling, ``forward_head(pre_logits=True)``) or
+    ``cls_mean`` (class token ⊕ mean of the patch tokens, as Virchow's card prescribes).
+    """
+
+    name: str
+    model: str
+    weights: str = "pretrained"
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    pool: str = "head"
+
+    def text(self) -> str:
+        """The canonical config string (parses back to this spec)."""
+        q = "&".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in self.kwargs)
+        if self.pool != "head":
+            q = "&".join(x for x in (q, f"pool={json.dumps(self.pool)}") if x)
+        w = "" if self.weights == "pretrained" else f"@{self.weights}"
+        return f"{self.model}{'?' + q if q else ''}{w}"
+
+
+def _hub(name: str, repo: str, pool: str = "head", **kwargs: Any) -> EncoderSpec:
+    return EncoderSpec(name, f"hf-hub:{repo}", kwargs=tuple(kwargs.items()), pool=pool)
+
+
+_SWIGLU = {"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}
+#: Known pathology encoders on the Hugging Face hub, with the constructor arguments of their
+#: model cards (gated: accept the terms on the hub, then ``huggingface-cli login`` or HF_TOKEN).
+#: Phikon / Phikon-v2 are transformers (not timm) checkpoints: convert them to a timm
+#: ``vit_base_patch16_224`` / ``vit_large_patch16_224`` state_dict and pass the local file.
+PATHOLOGY_ENCODERS: dict[str, EncoderSpec] = {
+    "uni": _hub("uni", "MahmoodLab/UNI", init_values=1e-5, dynamic_img_size=True),
+    "uni2-h": _hub(
+        "uni2-h",
+        "MahmoodLab/UNI2-h",
+        img_size=224,
+        patch_size=14,
+        depth=24,
+        num_heads=24,
+        init_values=1e-5,
+        embed_dim=1536,
+        mlp_ratio=2.66667 * 2,
+        no_embed_class=True,
+        reg_tokens=8,
+        dynamic_img_size=True,
+        **_SWIGLU,
+    ),  # fmt: skip
+    "virchow2": _hub("virchow2", "paige-ai/Virchow2", pool="cls_mean", **_SWIGLU),
+    "h-optimus-0": _hub(
+        "h-optimus-0", "bioptimus/H-optimus-0", init_values=1e-5, dynamic_img_size=False
+    ),
+    "h-optimus-1": _hub(
+        "h-optimus-1", "bioptimus/H-optimus-1", init_values=1e-5, dynamic_img_size=False
+    ),
+    "prov-gigapath": _hub("prov-gigapath", "prov-gigapath/prov-gigapath"),
+}
+
+
+def _literal(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v  # a bare string (e.g. a dotted class name)
+
+
+def parse_encoder(text: str) -> EncoderSpec:
+    """One encoder config string -> :class:`EncoderSpec`.
+
+    Forms: an alias of :data:`PATHOLOGY_ENCODERS` (``uni``, ``virchow2``, ``h-optimus-0`` ...),
+    ``hf-hub:<org>/<repo>``, or a timm architecture; each optionally followed by
+    ``?key=value&...`` (timm kwargs, JSON values; ``mean``/``std``/``input_size``/``pool``) and
+    ``@<local weights file>`` (or ``@none``). E.g.
+    ``vit_large_patch16_224?init_values=1e-5&dynamic_img_size=true@/models/uni.bin``.
+    """
+    raw = str(text).strip()
+    if not raw:
+        raise ValueError("encoder: empty name")
+    head, _, weights = raw.partition("@")
+    head, _, query = head.partition("?")
+    base = PATHOLOGY_ENCODERS.get(head.lower())
+    if base is None:
+        model = head
+        if model.startswith("hf_hub:"):
+            model = "hf-hub:" + model[len("hf_hub:") :]
+        if model.startswith("hf-hub:") and "/" not in model:
+            raise ValueError(f"encoder {raw!r}: use hf-hub:<org>/<repo>")
+        name = model.rsplit("/", 1)[-1].rsplit(":", 1)[-1].lower()
+        base = EncoderSpec(name, model)
+    kw = dict(base.kwargs)
+    pool = base.pool
+    for item in filter(None, query.split("&")):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise ValueError(f"encoder {raw!r}: {item!r} is not key=value")
+        if k == "pool":
+            pool = str(_literal(v))
+        else:
+            kw[k] = _literal(v)
+    if pool not in POOLS:
+        raise ValueError(f"encoder {raw!r}: pool {pool!r}, use one of {POOLS}")
+    w = weights.strip() or "pretrained"
+    if w.lower() in ("pretrained", "none"):
+        w = w.lower()
+    elif base.model.startswith("hf-hub:"):
+        raise ValueError(
+            f"encoder {raw!r}: a local weights file needs the timm architecture, not a hub name "
+            "(e.g. vit_large_patch16_224?init_values=1e-5&dynamic_img_size=true@FILE for UNI)"
+        )
+    else:
+        w = str(Path(w).expanduser())
+    return EncoderSpec(base.name, base.model, w, tuple(sorted(kw.items())), pool)
+
+
+def encoder_model_id(spec: EncoderSpec) -> str:
+    """``<name>-hub`` | ``<name>-file-<hash8>`` | ``<name>-random`` (hash of the whole spec)."""
+    if spec.weights == "pretrained":
+        return f"{spec.name}-hub" if spec.model.startswith("hf-hub:") else f"{spec.name}-timm"
+    if spec.weights == "none":
+        return f"{spec.name}-random"
+    import hashlib
+
+    return f"{spec.name}-file-{hashlib.sha256(spec.text().encode()).hexdigest()[:8]}"
+
+
+def _import_dotted(path: str) -> Any:
+    import importlib
+
+    mod, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(mod), attr)
+
+
+class TimmEncoder(nn.Module):
+    """A timm model as a feature extractor that takes ImageNet-normalised input like every
+    model of the platform and converts it to its own normalisation inside (non-persistent
+    buffers), so the tile pipeline stays one. ``forward == features``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: EncoderSpec,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        weights_source: str,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.pool = spec.pool
+        self.input_size = int(input_size)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        # x_own = (x_imagenet * imagenet_std + imagenet_mean - mean) / std
+        im_m, im_s = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        m, s = torch.tensor(self.mean), torch.tensor(self.std)
+        self.register_buffer("in_scale", (im_s / s).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_shift", ((im_m - m) / s).view(1, 3, 1, 1), persistent=False)
+        n = int(getattr(model, "num_features", 0) or 0)
+        self.feature_dim = 2 * n if spec.pool == "cls_mean" else n
+        self.weights_source = weights_source
+        self.model_id = encoder_model_id(spec)
+        self.encoder = spec.text()
+
+    @property
+    def normalization(self) -> str:
+        return f"mean={list(self.mean)} std={list(self.std)}"
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.in_scale + self.in_shift
+        tokens = self.model.forward_features(x)
+        if self.pool == "cls_mean":  # class token ⊕ mean of the patch tokens (registers left out)
+            prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+            return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(1)], dim=-1)
+        return self.model.forward_head(tokens, pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _hub_hint(spec: EncoderSpec) -> str:
+    return (
+        f"options: (1) accept the model's terms on huggingface.co/{spec.model[len('hf-hub:') :]} "
+        "and log in (`huggingface-cli login` or HF_TOKEN), run once with network (the files are "
+        "cached under $HF_HOME; HF_HUB_OFFLINE=1 then reads the cache); (2) a local weights "
+        "file: '<timm architecture>?<kwargs>@<file>'"
+    )
+
+
+def build_encoder(spec: EncoderSpec | str) -> TimmEncoder:
+    """The timm encoder of ``spec`` in eval mode (weights from the hub, timm, a local file, or a
+    seeded random init for ``none``). :class:`WeightsUnavailable` says what to do when the
+    pretrained weights cannot be had; a local file that does not fit the architecture is a
+    ``ValueError`` naming it."""
+    import timm
+
+    import gtex_assets.core.torchvision_compat  # noqa: F401  (timm imports torchvision)
+
+    spec = parse_encoder(spec) if isinstance(spec, str) else spec
+    kw = {k: v for k, v in spec.kwargs if k not in _INPUT_KEYS}
+    for k, v in list(kw.items()):
+        if k.endswith("_layer") and isinstance(v, str):
+            kw[k] = _import_dotted(v)
+    kw["num_classes"] = 0
+    if spec.pool == "cls_mean":
+        kw.setdefault("global_pool", "")
+    try:
+        if spec.weights == "pretrained":
+            model = timm.create_model(spec.model, pretrained=True, **kw)
+            source = f"timm:{spec.model}"
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = timm.create_model(spec.model, pretrained=False, **kw)
+            source = "random"
+    except RuntimeError as e:
+        if spec.model.startswith("hf-hub:") or "pretrained" in str(e).lower():
+            raise WeightsUnavailable(f"encoder {spec.model}: {e}; " + _hub_hint(spec)) from e
+        raise
+    except OSError as e:  # no network, gated repository (huggingface_hub errors are OSErrors)
+        raise WeightsUnavailable(
+            f"encoder {spec.model}: weights could not be obtained ({type(e).__name__}: {e}); "
+            + _hub_hint(spec)
+        ) from e
+    if spec.weights not in ("pretrained", "none"):
+        path = Path(spec.weights)
+        if not path.is_file():
+            raise WeightsUnavailable(f"encoder {spec.model}: weights file {path} does not exist")
+        state = _load_state_file(path)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches raise even when not strict
+            raise ValueError(
+                f"weights file {path}: not a {spec.model} state_dict with {dict(kw)} ({e})"
+            ) from e
+        head = tuple(k for k in unexpected if k.startswith(("head.", "fc.", "classifier.")))
+        unexpected = [k for k in unexpected if k not in head]  # a classifier head is not needed
+        if missing or unexpected:
+            raise ValueError(
+                f"weights file {path}: not a {spec.model} state_dict with {dict(kw)} "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        source = f"file:{path}"
+    cfg = timm.data.resolve_model_data_config(model)
+    over = dict(spec.kwargs)
+    size = int(cfg["input_size"][-1])
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if fixed and not getattr(model, "dynamic_img_size", False):
+        size = int(fixed[-1])  # a ViT built for another size than its data config says
+    size = int(over.get("input_size", size))
+    mean, std = over.get("mean", cfg["mean"]), over.get("std", cfg["std"])
+    return TimmEncoder(model.eval(), spec, size, mean, std, source).eval()
+
+
+# --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
 
@@ -591,9 +859,13 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PATHOLOGY_ENCODERS",
     "EfficientNetLite0",
+    "EncoderSpec",
+    "TimmEncoder",
     "TissueNet",
     "WeightsUnavailable",
+    "build_encoder",
     "build_model",
     "card_path_for",
     "eval_transform",
@@ -601,6 +873,7 @@ __all__ = [
     "load_tile",
     "normalize",
     "off_the_shelf_model",
+    "parse_encoder",
     "predict_proba",
     "read_card",
     "resolve_device",

@@ -212,3 +212,97 @@ def test_predict_proba_batches_uint8_tiles():
     with torch.no_grad():
         expected = torch.softmax(model(M.normalize(x)), 1).double().numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- timm encoders
+
+
+def _tiny_vit_file(tmp_path, img_size: int = 32):
+    """A small timm ViT built offline and saved as a local weights file (with a head, as a
+    user's checkpoint would have)."""
+    import timm
+
+    import gtex_assets.core.torchvision_compat  # noqa: F401
+
+    torch.manual_seed(3)
+    m = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=img_size, num_classes=7
+    )
+    path = tmp_path / "tiny_vit.pth"
+    torch.save(m.state_dict(), path)
+    return m.eval(), path
+
+
+def test_parse_encoder_forms_and_canonical_text(tmp_path):
+    uni = M.parse_encoder("UNI")
+    assert uni.model == "hf-hub:MahmoodLab/UNI" and uni.weights == "pretrained"
+    assert dict(uni.kwargs) == {"init_values": 1e-5, "dynamic_img_size": True}
+    v2 = M.parse_encoder("virchow2")
+    assert v2.pool == "cls_mean" and dict(v2.kwargs)["mlp_layer"] == "timm.layers.SwiGLUPacked"
+    hub = M.parse_encoder("hf_hub:bioptimus/H-optimus-0?init_values=1e-5")
+    assert hub.model == "hf-hub:bioptimus/H-optimus-0" and hub.name == "h-optimus-0"
+    assert M.encoder_model_id(hub) == "h-optimus-0-hub"
+    local = M.parse_encoder(f"vit_tiny_patch16_224?img_size=32&mean=[0.5,0.5,0.5]@{tmp_path}/w.pth")
+    assert local.weights == f"{tmp_path}/w.pth" and dict(local.kwargs)["img_size"] == 32
+    for spec in (uni, v2, hub, local):  # the canonical text round-trips
+        assert M.parse_encoder(spec.text()) == spec
+    assert M.encoder_model_id(local).startswith("vit_tiny_patch16_224-file-")
+    for bad in ("", "hf-hub:nohub", "uni?pool=max", "uni@/some/file.bin", "vit_tiny?x"):
+        with pytest.raises(ValueError):
+            M.parse_encoder(bad)
+
+
+def test_timm_encoder_from_local_file_matches_timm_with_its_own_normalisation(tmp_path):
+    ref, path = _tiny_vit_file(tmp_path)
+    enc = M.build_encoder(f"vit_tiny_patch16_224?img_size=32@{path}")
+    assert enc.input_size == 32 and enc.feature_dim == 192
+    assert enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)  # timm's data config
+    assert enc.weights_source == f"file:{path}"
+    g = torch.Generator().manual_seed(0)
+    raw = torch.rand(3, 3, 32, 32, generator=g)  # [0, 1] RGB
+    imagenet = (raw - torch.tensor(M.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        M.IMAGENET_STD
+    ).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = ref.forward_head(ref.forward_features((raw - 0.5) / 0.5), pre_logits=True)
+        got = enc(imagenet)  # the platform's input: ImageNet-normalised
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # mean/std overrides (a local file has no card)
+    enc2 = M.build_encoder(
+        f"vit_tiny_patch16_224?img_size=32&mean=[0.485,0.456,0.406]&std=[0.229,0.224,0.225]@{path}"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            enc2(imagenet), ref.forward_head(ref.forward_features(imagenet), pre_logits=True),
+            rtol=1e-4, atol=1e-5,
+        )  # fmt: skip
+
+
+def test_timm_encoder_errors_name_the_file_and_the_options(tmp_path, monkeypatch):
+    _ref, path = _tiny_vit_file(tmp_path)
+    with pytest.raises(ValueError, match="not a vit_small_patch16_224 state_dict"):
+        M.build_encoder(f"vit_small_patch16_224?img_size=32@{path}")
+    with pytest.raises(M.WeightsUnavailable, match="does not exist"):
+        M.build_encoder(f"vit_tiny_patch16_224@{tmp_path}/missing.pth")
+    import timm
+
+    import gtex_assets.core.torchvision_compat  # noqa: F401
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(M.WeightsUnavailable, match="huggingface-cli login"):
+        M.build_encoder("uni")
+
+
+def test_cls_mean_pool_concatenates_class_and_patch_tokens(tmp_path):
+    ref, path = _tiny_vit_file(tmp_path)
+    enc = M.build_encoder(f'vit_tiny_patch16_224?img_size=32&pool="cls_mean"@{path}')
+    assert enc.feature_dim == 384
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = enc(x)
+        tokens = ref.forward_features(x * enc.in_scale + enc.in_shift)
+    torch.testing.assert_close(out[:, :192], tokens[:, 0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[:, 192:], tokens[:, 1:].mean(1), rtol=1e-4, atol=1e-5)
