@@ -6,6 +6,7 @@ gtex-assets sql "SELECT ..." [--csv | --json]
 gtex-assets nearest SAMPLE_ID | --slide FILE | --tile IMAGE [-k 10] [--tiles] [--json]
 gtex-assets nearest SAMPLE_ID --transcriptome [--top 20] [--json] [--out FILE.parquet|.csv]
 gtex-assets ui
+gtex-assets cluster up|down|status|env [--workers N]
 """
 
 from __future__ import annotations
@@ -320,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gtex_assets.cli.nearest import add_nearest_subcommand
 
     add_nearest_subcommand(sub)
+
+    from gtex_assets.cli.cluster import add_cluster_subcommand
+
+    add_cluster_subcommand(sub)
 
     u = sub.add_parser("ui", help="open the Dagster UI on this data root")
     u.add_argument("--data-root")
