@@ -210,7 +210,9 @@ def test_analysis_assets_end_to_end(analysis_root):
     jp = pd.read_parquet(tables / "joint_pca.parquet")
     assert jp.groupby("block").size().to_dict() == {"expression": 420, "image": 420}
     assert set(jp["model_id"]) == {E5} and jp["component"].max() == 10
-    img = jp[jp["block"] == "image"].pivot(index="tissue_sample_id", columns="component", values="score")
+    img = jp[jp["block"] == "image"].pivot(
+        index="tissue_sample_id", columns="component", values="score"
+    )
     np.testing.assert_allclose(img.mean(0), 0, atol=1e-9)  # PCA scores are centred
     assert (np.diff(img.var(0).to_numpy()) <= 1e-9).all()  # in order of explained variance
     mj = _meta(result, "joint_pca")

@@ -183,7 +183,8 @@ def embedding_views(
 # ----------------------------------------------------------------------------------------------
 
 GENE_R2_INPUTS = ["slide_embeddings", "embedding_models", "gene_log_tpm"]
-GENE_R2_SPECS = [
+# A tuple, not a list: the defs loader would take a module-level list of specs as assets.
+GENE_R2_SPECS = (
     _spec(
         GR.GENE_R2_TABLE,
         "SPEC §8 / issue #15: per-gene R² of logTPM from the slide embedding on held-out "
@@ -213,7 +214,7 @@ GENE_R2_SPECS = [
         deps=["slide_embeddings", "gene_log_tpm"],
         kinds={"parquet"},
     ),  # fmt: skip
-]
+)
 
 
 @dg.multi_asset(name="gene_r2", specs=GENE_R2_SPECS)
