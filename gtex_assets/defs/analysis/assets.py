@@ -104,7 +104,7 @@ VIEW_DEPS = [
         _spec("embedding_views", "SPEC §7: PCA(40) → UMAP / t-SNE maps coloured by tissue (PNG "
               "under plots/analysis/): slides per model, tiles, expression, the joint PCA.",
               deps=[VW.COORDS_TABLE, VW.SILHOUETTE_TABLE], kinds={"matplotlib"}),
-        _spec(VW.COORDS_TABLE, "2-D coordinates of every view.", deps=VIEW_DEPS,
+        _spec(VW.COORDS_TABLE, "2-D coordinates of every view (PCA, UMAP or t-SNE per tiles, slides, expression, joint).", deps=VIEW_DEPS,
               kinds={"scikitlearn", "parquet"}, code_version="1"),
         _spec(VW.SILHOUETTE_TABLE, "Tissue silhouette of every view and space.", deps=VIEW_DEPS,
               kinds={"scikitlearn", "parquet"}, code_version="1"),
