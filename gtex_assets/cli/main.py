@@ -334,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of serving: start the UI on a free port, screenshot an asset group with "
         "headless Chromium (default <data root>/plots/ui_asset_graph.png), stop",
     )  # fmt: skip
-    u.add_argument("--group", default="ingest", help="asset group for --screenshot")
+    u.add_argument(
+        "--group", default="ingest", help='asset group for --screenshot ("" = the whole graph)'
+    )
     u.set_defaults(fn=cmd_ui)
     return p
 

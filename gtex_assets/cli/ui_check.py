@@ -80,13 +80,15 @@ def find_chromium() -> str | None:
     return None
 
 
-def chromium_capture(url: str, out_png: Path, *, chromium: str, budget_ms: int = 20000) -> str:
+def chromium_capture(
+    url: str, out_png: Path, *, chromium: str, budget_ms: int = 20000, size: str = "1600,1000"
+) -> str:
     """Screenshot ``url`` into ``out_png`` and return the rendered DOM (after scripts ran)."""
     out_png.parent.mkdir(parents=True, exist_ok=True)
     flags = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--hide-scrollbars", "--window-size=1600,1000", f"--virtual-time-budget={budget_ms}",
+        "--hide-scrollbars", f"--window-size={size}", f"--virtual-time-budget={budget_ms}",
     ]  # fmt: skip
     with contextlib.ExitStack() as stack:
         import tempfile
@@ -105,13 +107,18 @@ def chromium_capture(url: str, out_png: Path, *, chromium: str, budget_ms: int =
 def screenshot_asset_graph(
     dagster_home: Path, out_png: Path, env: dict | None = None, group: str = "ingest"
 ) -> tuple[Path, str]:
-    """Screenshot one asset group's lineage graph; returns the PNG path and the rendered DOM."""
+    """Screenshot one asset group's lineage graph (``group=""``: the global lineage of every
+    asset); returns the PNG path and the rendered DOM."""
     chromium = find_chromium()
     if chromium is None:
         raise FileNotFoundError("no Chromium found (apt-get install chromium)")
     with running_webserver(dagster_home, env) as port:
         # Mark the first-visit community dialog as seen so it does not cover the graph.
         graphql(port, "mutation { setNuxSeen }")
-        url = f"http://127.0.0.1:{port}/locations/gtex_assets/asset-groups/{group}"
-        dom = chromium_capture(url, out_png, chromium=chromium)
+        if group:
+            url = f"http://127.0.0.1:{port}/locations/gtex_assets/asset-groups/{group}"
+            dom = chromium_capture(url, out_png, chromium=chromium)
+        else:
+            url = f"http://127.0.0.1:{port}/asset-groups"
+            dom = chromium_capture(url, out_png, chromium=chromium, size="2600,1500")
     return out_png, dom
