@@ -403,3 +403,27 @@ def test_no_gene_kept_still_writes_consistent_outputs(tmp_path):
     _write(res, tmp_path / "root")
     x, genes, samples = load_log_tpm(tmp_path / "root")
     assert x.shape == (len(ALIQUOTS), 0) and len(genes) == 0 and len(samples) == len(ALIQUOTS)
+
+
+def _colour_columns(png, rgb, tol=40):
+    """Column indices (x) of pixels close to ``rgb`` in a PNG."""
+    from PIL import Image
+
+    a = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    near = np.abs(a - np.array(rgb)).sum(axis=2) < tol
+    return np.flatnonzero(near.any(axis=0)), int(near.sum())
+
+
+def test_max_log_tpm_plot_draws_the_bars_and_the_threshold_where_they_belong(tmp_path):
+    """Content, not only a PNG: the blue bars are drawn, and the red threshold line moves right
+    when the threshold does."""
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0, 10, 2000)
+    cols = {}
+    for t in (2.0, 8.0):
+        png = plot_max_log_tpm(values, t, tmp_path / f"t{t}.png")
+        red_x, red_n = _colour_columns(png, (0xC4, 0x4E, 0x52))
+        _, blue_n = _colour_columns(png, (0x4C, 0x72, 0xB0))
+        assert blue_n > 5000 and red_n > 100
+        cols[t] = np.median(red_x)
+    assert cols[8.0] - cols[2.0] > 150  # 6 logTPM units apart on a ~600 px axis
