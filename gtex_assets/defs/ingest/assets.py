@@ -112,7 +112,7 @@ def gtex_sample_attributes(
     return dg.MaterializeResult(
         metadata={
             **table_metadata(df, out),
-            "rna_tissue_samples": dg.MetadataValue.int(int(df["tissue_sample_id"].nunique())),
+            "rna_tissue_samples": dg.MetadataValue.int(df["tissue_sample_id"].n_unique()),
             "origin": dg.MetadataValue.text(origin),
         },
         data_version=dg.DataVersion(version),

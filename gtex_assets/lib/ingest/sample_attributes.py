@@ -10,37 +10,47 @@ import gzip
 from collections.abc import Iterable
 from pathlib import Path
 
-import pandas as pd
+import polars as pl
 
+from gtex_assets.core.errors import InputError
 from gtex_assets.core.ids import aliquot_to_sample_id
 
 COLUMNS = ["aliquot_id", "tissue_sample_id", "subject_id", "smts", "smtsd"]
 
 
-class SampleAttributesError(ValueError):
+class SampleAttributesError(InputError):
     pass
 
 
-def _frame(aliquots: Iterable[str], smts: Iterable[str], smtsd: Iterable[str]) -> pd.DataFrame:
-    df = pd.DataFrame({"aliquot_id": list(aliquots), "smts": list(smts), "smtsd": list(smtsd)})
-    df["tissue_sample_id"] = df["aliquot_id"].map(aliquot_to_sample_id)
-    df["subject_id"] = df["tissue_sample_id"].str.split("-").str[:2].str.join("-")
-    return df[COLUMNS].astype("string")
+def _frame(aliquots: Iterable[str], smts: Iterable[str], smtsd: Iterable[str]) -> pl.DataFrame:
+    aliquots = list(aliquots)
+    tsid = [aliquot_to_sample_id(a) for a in aliquots]
+    return pl.DataFrame(
+        {
+            "aliquot_id": aliquots,
+            "tissue_sample_id": tsid,
+            "subject_id": ["-".join(t.split("-")[:2]) if t else None for t in tsid],
+            "smts": list(smts),
+            "smtsd": list(smtsd),
+        },
+        schema=dict.fromkeys(COLUMNS, pl.String),
+    )
 
 
-def parse_sample_attributes(path: str | Path) -> pd.DataFrame:
+def parse_sample_attributes(path: str | Path) -> pl.DataFrame:
     """Parse ``GTEx_Analysis_v8_Annotations_SampleAttributesDS.txt`` (tab-separated)."""
     path = Path(path)
-    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    # Every field as text, empty fields as "" (not null), as the file means them.
+    df = pl.read_csv(path, separator="\t", infer_schema=False).with_columns(pl.all().fill_null(""))
     missing = [c for c in ("SAMPID", "SMTS", "SMTSD") if c not in df.columns]
     if missing:
         raise SampleAttributesError(f"{path}: header lacks column(s) {missing}")
-    dup = df["SAMPID"][df["SAMPID"].duplicated()]
+    dup = df.filter(pl.col("SAMPID").is_duplicated())["SAMPID"]
     if len(dup):
-        raise SampleAttributesError(f"{path}: SAMPID {dup.iloc[0]!r} appears more than once")
+        raise SampleAttributesError(f"{path}: SAMPID {dup[0]!r} appears more than once")
     out = _frame(df["SAMPID"], df["SMTS"], df["SMTSD"])
     # Keep only GTEx tissue aliquots (the file also lists e.g. K-562 cell-line controls).
-    return out[out["tissue_sample_id"].notna()].reset_index(drop=True)
+    return out.filter(pl.col("tissue_sample_id").is_not_null())
 
 
 def read_gct_sample_ids(path: str | Path) -> list[str]:
@@ -58,7 +68,7 @@ def read_gct_sample_ids(path: str | Path) -> list[str]:
     return header[2:]
 
 
-def attributes_from_gct_header(path: str | Path) -> pd.DataFrame:
+def attributes_from_gct_header(path: str | Path) -> pl.DataFrame:
     ids = read_gct_sample_ids(path)
     out = _frame(ids, [""] * len(ids), [""] * len(ids))
-    return out[out["tissue_sample_id"].notna()].reset_index(drop=True)
+    return out.filter(pl.col("tissue_sample_id").is_not_null())
