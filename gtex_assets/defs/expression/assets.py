@@ -68,8 +68,7 @@ def gene_log_tpm(context: dg.AssetExecutionContext, config: GeneLogTpmConfig,
     plots = plot_writers(res, lk.plots)
     manifest = write_outputs(res, samples, lk.root, source_version=version, extra_files=plots)
     summary = expression_summary(res, samples)
-    context.log.info(f"{gct_path}: {summary['genes_in']} genes x {summary['samples']} samples "
-                     f"in {summary['parse_seconds']} s; kept {summary['genes_kept']}")  # fmt: skip
+    context.log.info(f"{gct_path}: kept {summary['genes_kept']} of {summary['genes_in']} genes")
     paths = ExpressionPaths.under(lk.root)
     yield dg.MaterializeResult(
         asset_key="gene_log_tpm",
@@ -84,11 +83,17 @@ def gene_log_tpm(context: dg.AssetExecutionContext, config: GeneLogTpmConfig,
         # The source file's version: automation compares it with the GCT's current one.
         data_version=dg.DataVersion(version),
     )
-    matrix_head = pl.read_parquet(paths.matrix_parquet, n_rows=10)  # one list per gene: large
+    yield from _table_results(res, samples, paths, manifest["params_hash"])
+
+
+def _table_results(res, samples: pl.DataFrame, paths: ExpressionPaths, version: str):
+    """One materialisation per table, its schema and row count (the matrix by a 10-row head:
+    one list of every sample's value per gene is large)."""
+    matrix_head = pl.read_parquet(paths.matrix_parquet, n_rows=10)
     for name, df, path, rows in (
         ("expression_genes", res.genes, paths.genes, None),
         ("expression_samples", samples, paths.samples, None),
         ("expression_matrix", matrix_head, paths.matrix_parquet, res.n_kept),
     ):
         yield dg.MaterializeResult(asset_key=name, metadata=table_metadata(df, path, rows=rows),
-                                   data_version=dg.DataVersion(manifest["params_hash"]))  # fmt: skip
+                                   data_version=dg.DataVersion(version))  # fmt: skip
