@@ -9,6 +9,7 @@ a strong tissue signal and a linear image of 3 latent factors. 6 of 60 genes (th
 import dagster as dg
 import numpy as np
 import pandas as pd
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
@@ -130,7 +131,7 @@ def _write_inputs(root, mirror) -> None:
     res = ExpressionResult(
         source=root / "fake.gct.gz",
         sample_ids=aliquots,
-        genes=gene_tbl,
+        genes=pl.from_pandas(gene_tbl),
         chunks=[(np.arange(N_GENES), Y.T.astype(np.float32))],
         counts={"kept": N_GENES},
         hist_before=np.zeros(3),
@@ -146,7 +147,7 @@ def _write_inputs(root, mirror) -> None:
             "sample_index": np.arange(n, dtype=np.int64),
         }
     )
-    write_outputs(res, samples, root)
+    write_outputs(res, pl.from_pandas(samples), root)
     (mirror / "truth").mkdir(parents=True)
     pd.DataFrame({"gene_id": LINKED, "symbol": [f"GENE{i}" for i in range(6)]}).to_csv(
         mirror / "truth" / "image_linked_genes.csv", index=False

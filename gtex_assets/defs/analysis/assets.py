@@ -29,7 +29,7 @@ from gtex_assets.lib.analysis import inputs as I
 from gtex_assets.lib.analysis import plots as P
 from gtex_assets.lib.analysis import views as VW
 from gtex_assets.lib.analysis.feature_comparison import run_feature_comparison
-from gtex_assets.lib.analysis.selection import model_label, pick_models
+from gtex_assets.lib.analysis.selection import pick_models
 from gtex_assets.lib.embeddings import vector_store as V
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
 
@@ -126,34 +126,8 @@ def embedding_views(
         joint = pl.read_parquet(lk.table(VW.JOINT_TABLE))
     except (InputError, FileNotFoundError) as e:
         raise _fail("embedding_views", e) from e
-    order = sorted(
-        models["model_id"].to_list(),
-        key=lambda m: (model_label(models, m)[1] is not None, model_label(models, m)[1] or 0, m),
-    )
-    slide_sets = [(m, s.vectors, s.meta) for m in order for s in [I.model_slides(meta, vec, m)]]
-    tile_sets = []
-    if p.tiles:
-        tm, tv = VW.tile_sample(
-            lk.partition_dir("tile_embeddings"),
-            sorted({c.selected, c.off_the_shelf} - {None}),
-            p.tiles_per_slide,
-            p.random_state,
-        )
-        for mid, idx in ({} if tm is None else tm.groupby("model_id").indices).items():
-            tile_sets.append((mid, tv[idx], tm.iloc[idx]))
-    has = expr.samples["tissue"].notna().to_numpy()
-    rows = np.flatnonzero(has)
-    ids = (
-        expr.samples["tissue_sample_id"]
-        .astype("string")
-        .fillna(expr.samples["aliquot_id"])
-        .iloc[rows]
-    )
-    ex = (
-        np.asarray(expr.X[rows], dtype=np.float64),
-        expr.samples["tissue"].iloc[rows].astype(str),
-        ids,
-    )
+    slide_sets, tile_sets, ex = VW.view_inputs(meta, vec, models, c.selected, c.off_the_shelf, expr,
+                                               lk.partition_dir("tile_embeddings"), p)  # fmt: skip
     out = VW.embedding_views(slide_sets, tile_sets, ex, joint, models, c.selected, p,
                              lambda name: _png(lk, f"analysis/{name}.png"), context.log.info)  # fmt: skip
     sil = out.silhouettes
@@ -167,12 +141,7 @@ def embedding_views(
         yield dg.MaterializeResult(asset_key=name, metadata={**table_metadata(df, path), **extra})
     yield dg.MaterializeResult(asset_key="embedding_views", metadata={
         "selected_model_id": f"{c.selected} ({c.how})",
-        "silhouette_selected": _f(VW.pca_silhouette(sil, "slides", c.selected)),
-        "silhouette_off_the_shelf": _f(VW.pca_silhouette(sil, "slides", c.off_the_shelf) if c.off_the_shelf else float("nan")),
-        "silhouette_joint": _f(VW.pca_silhouette(sil, "joint", c.selected)),
-        "silhouette_image_only": _f(sil.loc[sil["space"] == "pca_image_only", "silhouette"].iloc[0]),
-        "silhouette_expression_only": _f(sil.loc[sil["space"] == "pca_expression_only", "silhouette"].iloc[0]),
-        "silhouette_expression_all_samples": _f(VW.pca_silhouette(sil, "expression", None)),
+        **{k: _f(v) for k, v in VW.views_summary(sil, c.selected, c.off_the_shelf).items()},
         "tiles_viewed": out.n_tiles, "seconds": _f(time.perf_counter() - t0),
         **{f"plot_{k}": plot_metadata(v) for k, v in out.plots.items()},
     })  # fmt: skip
@@ -240,6 +209,8 @@ def gene_r2(
         raise dg.Failure(description=f"gene_r2: {e}") from e
     for m in skipped:
         context.log.warning(f"gene_r2 model 'best': {m} left out")
+    for msg in GR.warnings(out):
+        context.log.warning(msg)
     tables = {GR.GENE_R2_TABLE: out.gene_r2, GR.BY_MODEL_TABLE: out.by_model,
               GR.MODELS_TABLE: out.models, GR.FOLDS_TABLE: out.folds}  # fmt: skip
     paths = {name: write_parquet(df, lk.table(name)) for name, df in tables.items()}
@@ -326,19 +297,12 @@ def cluster_transcriptome(
         )
     except InputError as e:
         raise _fail("cluster_transcriptome", e) from e
-    ev = run.evaluation
-    if run.evaluation.n_agree_exact < len(ev.clusters):
+    ev = CR.evaluation_summary(run)
+    if ev["assignments_agree_exact"] < ev["held_out_assignments"]:
         context.log.warning(
-            f"LanceDB and exact search disagree on {len(ev.clusters) - ev.n_agree_exact} of {len(ev.clusters)} held-out assignments (float32 near-ties)"
+            f"LanceDB and exact search disagree on {ev['held_out_assignments'] - ev['assignments_agree_exact']} held-out assignments (float32 near-ties)"
         )
-    proj = CP.save_projection(run.final, CP.projection_path(lk.models, sel), run.card)
-    wrote = CP.write_centroids(V.VectorStore(lk.lancedb), run.centroids)
-    for m in wrote.dropped_models:  # another width: their clusters are gone, so their PCA too
-        CP.projection_path(lk.models, m).unlink(missing_ok=True)
-    if wrote.dropped_models:
-        context.log.warning(
-            f"{CP.CENTROID_TABLE}: vectors now {run.final.centroids.shape[1]}-D; dropped {wrote.dropped_models}"
-        )
+    proj, wrote = _serve(lk, run, sel, context.log.warning)
     tables = {CR.R2_TABLE: run.r2}
     for name, new in (
         (CR.TRANSCRIPTOMES_TABLE, run.transcriptomes),
@@ -349,24 +313,14 @@ def cluster_transcriptome(
     paths = {name: write_parquet(df, lk.table(name)) for name, df in tables.items()}
     png = P.r2_scatter(run.r2["r2_ridge"], run.r2["r2_cluster"], _png(lk, "analysis/cluster_vs_ridge_r2.png"),
                        xlabel="ridge R²", ylabel="cluster-average R²", title=f"Per-gene R², held-out donors ({sel})")  # fmt: skip
-    context.log.info(
-        f"cluster_transcriptome: {len(pm)} slides, {run.final.n_clusters} clusters, {ev.n_agree_exact}/{len(ev.clusters)} LanceDB = exact, {time.perf_counter() - t0:.1f}s"
-    )
     yield dg.MaterializeResult(asset_key="cluster_transcriptome", metadata={
         "model_id": sel, "n_clusters": config.n_clusters, "fit_id": run.fit_id,
         "final_clusters": md_table(run.summary[["cluster", "n_slides", "majority_tissue", "majority_fraction"]], 2),
         "projection_path": dg.MetadataValue.path(str(proj)), "seconds": _f(time.perf_counter() - t0),
     })  # fmt: skip
-    t = run.r2
     yield dg.MaterializeResult(asset_key=CR.R2_TABLE, metadata={
-        **table_metadata(t, paths[CR.R2_TABLE]), "model_id": sel,
-        "median_r2_cluster": _f(np.nanmedian(t["r2_cluster"])), "median_r2_ridge": _f(np.nanmedian(t["r2_ridge"])),
-        "median_delta_r2": _f(np.nanmedian(t["delta_r2"])), "genes_cluster_better": int((t["delta_r2"] > 0).sum()),
-        "median_sample_r": _f(np.nanmedian(ev.sample_r)),
-        "nearest_lookup": "LanceDB (exact L2 scan of each fold's centroids, the served search)",
-        "held_out_assignments": len(ev.clusters), "assignments_agree_exact": int(ev.n_agree_exact),
-        "plot": plot_metadata(png),
-    })  # fmt: skip
+        **table_metadata(run.r2, paths[CR.R2_TABLE]), "model_id": sel, "plot": plot_metadata(png),
+        **{k: _f(v) if isinstance(v, float) else v for k, v in ev.items()}})  # fmt: skip
     for name in (CR.TRANSCRIPTOMES_TABLE, CR.MEMBERS_TABLE):
         yield dg.MaterializeResult(
             asset_key=name, metadata=table_metadata(tables[name], paths[name])
@@ -375,6 +329,20 @@ def cluster_transcriptome(
         "lancedb_table": f"{lk.lancedb}/{CP.CENTROID_TABLE}", "centroid_rows_model": int(wrote.rows),
         "centroid_rows_total": int(wrote.total_rows), "fit_id": run.fit_id,
     })  # fmt: skip
+
+
+def _serve(lk: Lake, run: CR.ClusterRun, sel: str, warn) -> tuple[Path, CP.CentroidWrite]:
+    """Write the served predictor: its PCA file and its centroids in LanceDB (a model of another
+    width loses its clusters there, so its PCA file goes too)."""
+    proj = CP.save_projection(run.final, CP.projection_path(lk.models, sel), run.card)
+    wrote = CP.write_centroids(V.VectorStore(lk.lancedb), run.centroids)
+    for m in wrote.dropped_models:
+        CP.projection_path(lk.models, m).unlink(missing_ok=True)
+    if wrote.dropped_models:
+        warn(
+            f"{CP.CENTROID_TABLE}: vectors now {run.final.centroids.shape[1]}-D; dropped {wrote.dropped_models}"
+        )
+    return proj, wrote
 
 
 def _read(lk: Lake, name: str, asset: str) -> pd.DataFrame:

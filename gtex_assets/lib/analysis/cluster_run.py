@@ -115,3 +115,18 @@ def merge_models(
         return new
     old = old[~old["model_id"].isin([model_id, *drop])]
     return pd.concat([old, new], ignore_index=True) if len(old) else new
+
+
+def evaluation_summary(run: ClusterRun) -> dict:
+    """The held-out comparison's headline numbers (plain values)."""
+    t, ev = run.r2, run.evaluation
+    return {
+        "median_r2_cluster": float(np.nanmedian(t["r2_cluster"])),
+        "median_r2_ridge": float(np.nanmedian(t["r2_ridge"])),
+        "median_delta_r2": float(np.nanmedian(t["delta_r2"])),
+        "genes_cluster_better": int((t["delta_r2"] > 0).sum()),
+        "median_sample_r": float(np.nanmedian(ev.sample_r)),
+        "nearest_lookup": "LanceDB (exact L2 scan of each fold's centroids, the served search)",
+        "held_out_assignments": len(ev.clusters),
+        "assignments_agree_exact": int(ev.n_agree_exact),
+    }

@@ -242,6 +242,18 @@ def _attr(models: pd.DataFrame, model_id: str, column: str, default):
     return v.iloc[0] if len(v) and pd.notna(v.iloc[0]) else default
 
 
+def warnings(out: GeneR2Output) -> list[str]:
+    """What the user should know about a run: lowered folds, tissues left out."""
+    msgs = []
+    if out.plan.lowered:
+        msgs.append(f"{out.plan.n_donors} donors: folds lowered to {out.plan.n_splits} outer / "
+                    f"{out.plan.inner_splits} inner")  # fmt: skip
+    if out.tissues_left_out:
+        msgs.append(f"{len(out.tissues_left_out)} tissue(s) with < 3 donors left out of both "
+                    f"views: {out.tissues_left_out}")  # fmt: skip
+    return msgs
+
+
 def definitions_markdown(params: GeneR2Params, plan: FoldPlan) -> str:
     """The metrics' definitions for the UI (from the table registry) plus the protocol used."""
     desc = column_descriptions(GENE_R2_TABLE)

@@ -117,14 +117,13 @@ def view_panels(
     return _save(fig, dest)
 
 
-def r2_ranking_plot(
+def r2_ranking_figure(
     table: pd.DataFrame,
-    dest: str | Path,
     *,
     highlight: Sequence[str] | None = None,
     top_labels: int = 20,
     title: str = "Per-gene R² (held-out donors)",
-) -> Path:
+) -> Figure:
     """Left: R² against rank for all genes; right: the top genes by name (``symbol`` or id).
 
     ``table`` is a ``GeneR2Result.table()``; ``highlight`` (gene ids, e.g. the planted
@@ -152,20 +151,24 @@ def r2_ranking_plot(
     bx.barh(np.arange(k)[::-1], r2[:k], color=colors)
     bx.set_yticks(np.arange(k)[::-1], names, fontsize=7)
     bx.set(xlabel="R²", title=f"top {k} recoverable genes")
-    return _save(fig, dest)
+    return fig
 
 
-def r2_scatter(
+def r2_ranking_plot(table: pd.DataFrame, dest: str | Path, **kw) -> Path:
+    """:func:`r2_ranking_figure` saved as a PNG at ``dest``."""
+    return _save(r2_ranking_figure(table, **kw), dest)
+
+
+def r2_scatter_figure(
     x: np.ndarray,
     y: np.ndarray,
-    dest: str | Path,
     *,
     xlabel: str,
     ylabel: str,
     title: str = "",
     highlight: np.ndarray | None = None,
     highlight_label: str = "significant",
-) -> Path:
+) -> Figure:
     """Per-gene R² of two methods against each other with the y = x line (ridge vs cluster,
     off-the-shelf vs fine-tuned); ``highlight`` is a boolean mask drawn in red."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -183,7 +186,12 @@ def r2_scatter(
     ax.plot([lo, hi], [lo, hi], color="0.2", lw=0.8, ls="--")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(frameon=False, fontsize=8)
-    return _save(fig, dest)
+    return fig
+
+
+def r2_scatter(x: np.ndarray, y: np.ndarray, dest: str | Path, **kw) -> Path:
+    """:func:`r2_scatter_figure` saved as a PNG at ``dest``."""
+    return _save(r2_scatter_figure(x, y, **kw), dest)
 
 
 def silhouette_trend(
@@ -208,9 +216,9 @@ def silhouette_trend(
     return _save(fig, dest)
 
 
-def paired_accuracy_plot(
-    accuracy: pd.DataFrame, names: tuple[str, str], dest: str | Path, *, title: str = ""
-) -> Path:
+def paired_accuracy_figure(
+    accuracy: pd.DataFrame, names: tuple[str, str], *, title: str = ""
+) -> Figure:
     """Per-repeat tissue accuracy of two feature sets, one line per repeat (a paired design)."""
     a, b = accuracy["accuracy_a"].to_numpy(), accuracy["accuracy_b"].to_numpy()
     fig = Figure(figsize=(4.5, 5))
@@ -222,4 +230,11 @@ def paired_accuracy_plot(
     ax.set_xticks([0, 1], list(names))
     ax.set_xlim(-0.4, 1.4)
     ax.set(ylabel="tissue accuracy (per repeat)", title=title or "Linear classifier, repeated CV")
-    return _save(fig, dest)
+    return fig
+
+
+def paired_accuracy_plot(
+    accuracy: pd.DataFrame, names: tuple[str, str], dest: str | Path, **kw
+) -> Path:
+    """:func:`paired_accuracy_figure` saved as a PNG at ``dest``."""
+    return _save(paired_accuracy_figure(accuracy, names, **kw), dest)

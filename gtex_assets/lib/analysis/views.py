@@ -238,3 +238,49 @@ def pca_silhouette(sil: pd.DataFrame, view: str, model_id: str | None) -> float:
     r = sil[(sil["view"] == view) & (sil["space"] == "pca")]
     r = r[r["model_id"] == model_id] if model_id is not None else r
     return float(r["silhouette"].iloc[0]) if len(r) else float("nan")
+
+
+def view_inputs(meta, vec, models: pl.DataFrame, selected: str, off_the_shelf: str | None, expr,
+                tile_dir: Path, params: ViewParams):  # fmt: skip
+    """(slide sets in checkpoint order — off the shelf first, then by epoch —, tile sets of the
+    selected and off-the-shelf models, expression of every sample with a tissue)."""
+    from gtex_assets.lib.analysis.inputs import model_slides
+
+    def key(m: str):
+        ep = model_label(models, m)[1]
+        return (ep is not None, ep or 0, m)
+
+    slide_sets = []
+    for m in sorted(models["model_id"].to_list(), key=key):
+        s = model_slides(meta, vec, m)
+        slide_sets.append((m, s.vectors, s.meta))
+    tile_sets = []
+    if params.tiles:
+        ids = sorted({selected, off_the_shelf} - {None})
+        tm, tv = tile_sample(tile_dir, ids, params.tiles_per_slide, params.random_state)
+        for mid, idx in ({} if tm is None else tm.groupby("model_id").indices).items():
+            tile_sets.append((mid, tv[idx], tm.iloc[idx]))
+    s = expr.samples
+    rows = np.flatnonzero(s["tissue"].notna().to_numpy())
+    ids = s["tissue_sample_id"].astype("string").fillna(s["aliquot_id"]).iloc[rows]
+    ex = (np.asarray(expr.X[rows], dtype=np.float64), s["tissue"].iloc[rows].astype(str), ids)
+    return slide_sets, tile_sets, ex
+
+
+def views_summary(sil: pd.DataFrame, selected: str, off_the_shelf: str | None) -> dict[str, float]:
+    """The headline silhouettes: selected vs off-the-shelf slides, the joint space and its parts."""
+
+    def space(name: str) -> float:
+        r = sil.loc[sil["space"] == name, "silhouette"]
+        return float(r.iloc[0]) if len(r) else float("nan")
+
+    return {
+        "silhouette_selected": pca_silhouette(sil, "slides", selected),
+        "silhouette_off_the_shelf": pca_silhouette(sil, "slides", off_the_shelf)
+        if off_the_shelf
+        else float("nan"),
+        "silhouette_joint": pca_silhouette(sil, "joint", selected),
+        "silhouette_image_only": space("pca_image_only"),
+        "silhouette_expression_only": space("pca_expression_only"),
+        "silhouette_expression_all_samples": pca_silhouette(sil, "expression", None),
+    }
