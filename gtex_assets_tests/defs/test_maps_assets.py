@@ -62,14 +62,15 @@ def _expression(root, sample: pd.DataFrame) -> pd.DataFrame:
                           "symbol": [f"GENE{i}" for i in range(N_GENES)], "kept": True,
                           "matrix_index": pd.array(range(N_GENES), dtype="Int64")})  # fmt: skip
     aliquots = (slides["tissue_sample_id"] + "-SM-A1").tolist()
-    res = ExpressionResult(source=root / "fake.gct.gz", sample_ids=aliquots, genes=genes,
+    res = ExpressionResult(source=root / "fake.gct.gz", sample_ids=aliquots,
+                           genes=pl.from_pandas(genes),
                            chunks=[(np.arange(N_GENES), Y.T.astype(np.float32))],
                            counts={"kept": N_GENES}, hist_before=np.zeros(3),
                            hist_after=np.zeros(3), params=ExpressionParams())  # fmt: skip
     samples = pd.DataFrame({"aliquot_id": aliquots, "tissue_sample_id": slides["tissue_sample_id"],
                             "subject_id": slides["subject_id"], "tissue": slides["tissue"],
                             "sample_index": np.arange(len(slides), dtype=np.int64)})  # fmt: skip
-    write_outputs(res, samples, root)
+    write_outputs(res, pl.from_pandas(samples), root)
     return genes
 
 
