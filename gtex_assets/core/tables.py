@@ -623,10 +623,13 @@ _TABLES = (
     _t(
         "feature_comparison_genes",
         "analysis",
-        "Li et al. 2022: per-gene R² of A vs B over repeats with paired tests",
+        "Li et al. 2022: per-gene R² of A vs B over repeats with paired tests, for every pair "
+        "of compared feature sets",
         _c(
             "gene",
             "symbol",
+            model_a="Feature set A of the pair",
+            model_b="Feature set B of the pair (the later arm, e.g. fine-tuned)",
             r2_a_mean="Mean R² with A",
             r2_b_mean="Mean R² with B",
             r2_a_sd="Sd over repeats (A)",

@@ -451,3 +451,49 @@ def test_cluster_transcriptome_serves_lancedb_centroids_idempotently(analysis_ro
     assert materialize_clusters(root, mirror, [cluster_transcriptome], fewer).success
     assert store.count(CP.CENTROID_TABLE) == 4
     assert len(pd.read_parquet(lk.table("cluster_transcriptomes"))) == 4 * N_GENES
+
+
+def _add_arm(root, model_id: str, rng_seed: int = 5) -> None:
+    """A further off-the-shelf arm (a pathology encoder, say) whose slide embeddings carry the
+    morphology factors: the E5 vectors plus noise."""
+    lk = Lake.at(root)
+    se = pd.read_parquet(lk.table("slide_embeddings"))
+    base = se[se["model_id"] == E5].copy()
+    rng = np.random.default_rng(rng_seed)
+    vec = np.stack(base["vector"].to_numpy()) + 0.3 * rng.standard_normal((len(base), DIM))
+    base["model_id"] = model_id
+    base["row_id"] = model_id + "|" + base["tissue_sample_id"]
+    meta = pd.concat(
+        [se.drop(columns=["vector"]), base.drop(columns=["vector"])], ignore_index=True
+    )
+    vecs = np.vstack([np.stack(se["vector"].to_numpy()), vec])
+    write_parquet(V.table_from_frame(meta, vecs, V.slide_schema(DIM)), lk.table("slide_embeddings"))
+    models = pd.read_parquet(lk.table("embedding_models"))
+    extra = models[models["model_id"] == OTS].assign(
+        model_id=model_id, weights="hf-hub:x/pathology"
+    )
+    write_parquet(pd.concat([models, extra], ignore_index=True), lk.table("embedding_models"))
+
+
+def test_feature_comparison_with_three_arms(analysis_root):
+    """ImageNet off-the-shelf, a pathology encoder and the fine-tuned checkpoint: every pair
+    compared on the same folds, each row naming its pair; both morphology-aware arms beat the
+    ImageNet arm on the planted genes."""
+    root, _ = analysis_root
+    _add_arm(root, "path-encoder")
+    result = dg.materialize(
+        [feature_comparison],
+        resources={"lake": DataLakeResource(root=str(root))},
+        instance=dg.DagsterInstance.ephemeral(),
+        run_config={"ops": {"feature_comparison": {"config": {"n_repeats": 2}}}},
+    )
+    assert result.success
+    fg = pd.read_parquet(Lake.at(root).table("feature_comparison_genes"))
+    pairs = sorted(set(zip(fg["model_a"], fg["model_b"], strict=True)))
+    assert pairs == sorted([(OTS, "path-encoder"), (OTS, E5), ("path-encoder", E5)])
+    assert (fg.groupby(["model_a", "model_b"]).size() == N_GENES).all()
+    for b in ("path-encoder", E5):
+        linked = fg[(fg["model_a"] == OTS) & (fg["model_b"] == b)].set_index("gene").loc[LINKED]
+        assert (linked["r2_b_mean"] > linked["r2_a_mean"]).all()
+    md = _meta(result, "feature_comparison")
+    assert md["pairs"] == 3 and md["fine_tuned"] == E5

@@ -28,7 +28,7 @@ from gtex_assets.lib.analysis import gene_r2 as GR
 from gtex_assets.lib.analysis import inputs as I
 from gtex_assets.lib.analysis import plots as P
 from gtex_assets.lib.analysis import views as VW
-from gtex_assets.lib.analysis.feature_comparison import run_feature_comparison
+from gtex_assets.lib.analysis.feature_comparison import comparison_tables, run_feature_comparisons
 from gtex_assets.lib.analysis.selection import pick_models
 from gtex_assets.lib.embeddings import vector_store as V
 from gtex_assets.resources import DataLakeResource, GTExSourceResource
@@ -379,30 +379,38 @@ def feature_comparison(
     try:
         meta, vec = I.read_slides(lk)
         models = I.read_models(lk, sorted(meta["model_id"].unique()))
-        run = run_feature_comparison(meta, vec, models, I.read_expression(lk), config.params())
+        runs = run_feature_comparisons(meta, vec, models, I.read_expression(lk), config.params())
     except (InputError, ValueError) as e:
         raise _fail("feature_comparison", e) from e
-    if run.missing_off_the_shelf:
-        context.log.warning(
-            f"{run.missing_off_the_shelf} slide(s) have no {run.off_the_shelf} embedding: left out"
-        )
-    res, o = run.result, run.result.overall
-    acc = res.accuracy.assign(model_a=run.off_the_shelf, model_b=run.fine_tuned)
+    for run in runs:
+        if run.missing_off_the_shelf:
+            context.log.warning(f"{run.missing_off_the_shelf} slide(s) have no "
+                                f"{run.off_the_shelf} embedding: left out of that pair")  # fmt: skip
+    genes, acc = comparison_tables(runs)
     out_g, out_a = (
-        write_parquet(res.genes, lk.table(FC_GENES)),
+        write_parquet(genes, lk.table(FC_GENES)),
         write_parquet(acc, lk.table(FC_ACCURACY)),
     )
-    png = P.paired_accuracy_plot(
-        res.accuracy, res.names, _png(lk, "analysis/feature_comparison_accuracy.png")
-    )
-    md = {"summary": dg.MetadataValue.md(res.summary_markdown()), "off_the_shelf": run.off_the_shelf,
-          "fine_tuned": run.fine_tuned, "tissues_left_out": ", ".join(run.tissues_left_out) or "none",
-          "samples": run.n_samples, "n_splits": run.plan.n_splits, "inner_splits": run.plan.inner_splits,
-          "folds_lowered": bool(run.plan.lowered), "n_repeats": config.n_repeats,
+    png = P.paired_accuracy_plot(runs[-1].result.accuracy, runs[-1].result.names,
+                                 _png(lk, "analysis/feature_comparison_accuracy.png"))  # fmt: skip
+    md = {**_comparison_metadata(runs), "n_repeats": config.n_repeats,
           "seconds": _f(time.perf_counter() - t0), "plot": plot_metadata(png)}  # fmt: skip
+    yield dg.MaterializeResult(asset_key=FC_GENES, metadata=table_metadata(genes, out_g))
+    yield dg.MaterializeResult(asset_key=FC_ACCURACY, metadata=table_metadata(acc, out_a))
+    yield dg.MaterializeResult(asset_key="feature_comparison", metadata=md)
+
+
+def _comparison_metadata(runs) -> dict:
+    """The last pair (… vs the fine-tuned model) in the top-level keys, every pair's summary."""
+    run = runs[-1]
+    o = run.result.overall
+    md = {"summary": dg.MetadataValue.md("\n\n".join(r.result.summary_markdown() for r in runs)),
+          "arms": ", ".join(dict.fromkeys(m for r in runs for m in (r.off_the_shelf, r.fine_tuned))),
+          "pairs": len(runs), "off_the_shelf": run.off_the_shelf, "fine_tuned": run.fine_tuned,
+          "tissues_left_out": ", ".join(run.tissues_left_out) or "none", "samples": run.n_samples,
+          "n_splits": run.plan.n_splits, "inner_splits": run.plan.inner_splits,
+          "folds_lowered": bool(run.plan.lowered)}  # fmt: skip
     md.update({k: _f(o[k]) for k in ("accuracy_a_mean", "accuracy_b_mean", "accuracy_p_wilcoxon",
                "accuracy_p_corrected", "improved_p_binomial") if o.get(k) is not None})  # fmt: skip
     md.update({k: int(o[k]) for k in ("n_significant", "n_improved", "n_genes") if k in o})
-    yield dg.MaterializeResult(asset_key=FC_GENES, metadata=table_metadata(res.genes, out_g))
-    yield dg.MaterializeResult(asset_key=FC_ACCURACY, metadata=table_metadata(acc, out_a))
-    yield dg.MaterializeResult(asset_key="feature_comparison", metadata=md)
+    return md

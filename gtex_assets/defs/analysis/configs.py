@@ -143,8 +143,13 @@ class FeatureComparisonConfig(dg.Config):
     random_state: int = Field(
         default=_F.random_state, description="Seed of the repeats' donor shuffles"
     )
+    arms: list[str] = Field(
+        default=list(_F.arms),
+        description="Models compared pairwise (e.g. the ImageNet backbone, a pathology "
+        "encoder, the fine-tuned checkpoint); empty = every off-the-shelf model embedded and "
+        "the selected fine-tuned one",
+    )
 
     def params(self) -> ComparisonParams:
-        return ComparisonParams(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ComparisonParams)}
-        )
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ComparisonParams)}
+        return ComparisonParams(**{**values, "arms": tuple(values["arms"])})

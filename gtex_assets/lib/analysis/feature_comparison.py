@@ -383,6 +383,39 @@ class ComparisonParams:
     selected_model_id: str = ""
     off_the_shelf_model_id: str = ""
     random_state: int = 0
+    # The feature sets compared, pairwise: empty = every off-the-shelf model embedded (the
+    # ImageNet backbone, pathology encoders ...) and the selected fine-tuned checkpoint.
+    arms: tuple[str, ...] = ()
+
+
+def comparison_arms(models, params: ComparisonParams) -> list[str]:
+    """The models to compare, in order: explicit ``arms``; else the off-the-shelf models (only
+    ``off_the_shelf_model_id`` when set) followed by the selected fine-tuned one."""
+    import polars as pl
+
+    from gtex_assets.core.errors import InputError
+    from gtex_assets.lib.analysis.selection import OFF_THE_SHELF, pick_models
+
+    ids = models["model_id"].to_list()
+    if params.arms:
+        unknown = [a for a in params.arms if a not in ids]
+        if unknown or len(set(params.arms)) < 2:
+            raise InputError("feature_comparison arms", f"{list(params.arms)}: need >= 2 "
+                             f"distinct embedded models (unknown: {unknown})", f"have {sorted(ids)}")  # fmt: skip
+        return list(dict.fromkeys(params.arms))
+    c = pick_models(models, params.selected_model_id, params.off_the_shelf_model_id)
+    ots = sorted(models.filter(pl.col("kind") == OFF_THE_SHELF)["model_id"].to_list())
+    first = [params.off_the_shelf_model_id] if params.off_the_shelf_model_id else ots
+    arms = [m for m in first if m != c.selected] + [c.selected]
+    if len(arms) < 2:
+        raise InputError("slide_embeddings", "need an off-the-shelf and a fine-tuned model",
+                         f"have {sorted(ids)}")  # fmt: skip
+    return arms
+
+
+def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """Every pair (A, B) of arms, A before B: B is the later (e.g. fine-tuned) feature set."""
+    return [(a, b) for i, a in enumerate(arms) for b in arms[i + 1 :]]
 
 
 @dataclass(frozen=True)
@@ -396,19 +429,22 @@ class ComparisonRun:
     missing_off_the_shelf: int  # slides without an off-the-shelf embedding, left out
 
 
-def run_feature_comparison(meta, vec, models, expr, params: ComparisonParams) -> ComparisonRun:
-    """Off-the-shelf vs the selected fine-tuned model on the slides both embedded (and that
-    have expression), tissues with < 3 donors left out of a within-tissue task."""
-    from gtex_assets.core.errors import InputError
-    from gtex_assets.lib.analysis import inputs as I
-    from gtex_assets.lib.analysis.selection import fold_plan, pick_models, tissues_to_keep
+def run_feature_comparisons(meta, vec, models, expr, params: ComparisonParams) -> list:
+    """One :class:`ComparisonRun` per pair of :func:`comparison_arms`."""
+    pairs = comparison_pairs(comparison_arms(models, params))
+    return [run_feature_comparison(meta, vec, expr, params, a, b) for a, b in pairs]
 
-    c = pick_models(models, params.selected_model_id, params.off_the_shelf_model_id)
-    if c.off_the_shelf is None or c.off_the_shelf == c.selected:
-        raise InputError("slide_embeddings", "need an off-the-shelf and a fine-tuned model",
-                         f"have {models['model_id'].to_list()}")  # fmt: skip
-    Fb, Y, pm = I.paired(I.model_slides(meta, vec, c.selected), expr)
-    Fa, has = I.aligned(I.model_slides(meta, vec, c.off_the_shelf), pm["tissue_sample_id"])
+
+def run_feature_comparison(
+    meta, vec, expr, params: ComparisonParams, a: str, b: str
+) -> ComparisonRun:
+    """Feature set ``a`` vs ``b`` on the slides both embedded (and that have expression),
+    tissues with < 3 donors left out of a within-tissue task."""
+    from gtex_assets.lib.analysis import inputs as I
+    from gtex_assets.lib.analysis.selection import fold_plan, tissues_to_keep
+
+    Fb, Y, pm = I.paired(I.model_slides(meta, vec, b), expr)
+    Fa, has = I.aligned(I.model_slides(meta, vec, a), pm["tissue_sample_id"])
     Fb, Y, pm = Fb[has], Y[has], pm[has].reset_index(drop=True)
     dropped: list[str] = []
     if params.tissue_strata:
@@ -421,9 +457,21 @@ def run_feature_comparison(meta, vec, models, expr, params: ComparisonParams) ->
     res = compare_features(
         Fa, Fb, tissue, Y, groups, n_splits=plan.n_splits, inner_splits=plan.inner_splits,
         n_repeats=params.n_repeats, random_state=params.random_state,
-        names=(c.off_the_shelf, c.selected), genes=expr.gene_ids, symbols=expr.symbols,
+        names=(a, b), genes=expr.gene_ids, symbols=expr.symbols,
         strata=strata, classifier_pcs=params.classifier_pcs or None, fdr=params.fdr,
     )  # fmt: skip
-    return ComparisonRun(
-        res, c.off_the_shelf, c.selected, len(pm), plan, dropped, int((~has).sum())
+    return ComparisonRun(res, a, b, len(pm), plan, dropped, int((~has).sum()))
+
+
+def comparison_tables(runs: list[ComparisonRun]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``feature_comparison_genes`` and ``feature_comparison_accuracy`` over every pair, each
+    row naming its pair (``model_a`` vs ``model_b``)."""
+    genes = pd.concat(
+        [r.result.genes.assign(model_a=r.off_the_shelf, model_b=r.fine_tuned) for r in runs],
+        ignore_index=True,
     )
+    acc = pd.concat(
+        [r.result.accuracy.assign(model_a=r.off_the_shelf, model_b=r.fine_tuned) for r in runs],
+        ignore_index=True,
+    )
+    return genes, acc
