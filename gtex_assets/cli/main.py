@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -81,18 +82,9 @@ def _load_run_config(path: str | Path | None) -> dict:
     return cfg
 
 
-def merge_config(base: dict, override: dict) -> dict:
-    """Deep-merge run configs: ``override`` wins key by key."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = (
-            merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        )
-    return out
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from gtex_assets.cli.runner import ensure_dagster_home, materialize_all
+    from gtex_assets.core.settings import write_settings
     from gtex_assets.lib.catalog.views import connect_readonly
 
     t0 = time.time()
@@ -100,7 +92,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     source = args.source or os.environ.get("GTEX_SOURCE")
     run_config = _load_run_config(args.config)
     if not source:
-        run_config = merge_config(_load_run_config(DEMO_CONFIG), run_config)
+        # The demo's CPU settings go to the settings file every run reads, so runs from the UI
+        # and the daemon reproduce the demo; what a user already set there is kept.
+        settings = write_settings(root, _load_run_config(DEMO_CONFIG))
+        print(f"[demo] CPU settings in {settings} (read by every run)", flush=True)
         from gtex_assets.lib.synth import generate_mirror
 
         mirror = root / "demo_mirror"
@@ -238,7 +233,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from gtex_assets.cli.runner import REPO_ROOT, ensure_dagster_home
+    from gtex_assets.cli.runner import ensure_dagster_home, start_services, stop_services
 
     root = _data_root(args.data_root)
     home = ensure_dagster_home(root)
@@ -251,20 +246,23 @@ def cmd_ui(args: argparse.Namespace) -> int:
         png, _ = screenshot_asset_graph(home, out.resolve(), group=args.group)
         print(f"screenshot of the '{args.group}' asset graph: {png}")
         return 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "dev",
-        "-w",
-        str(REPO_ROOT / "workspace.yaml"),
-        "-p",
-        str(args.port),
-    ]
-    print(f"starting the Dagster UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)")
-    os.chdir(REPO_ROOT)
-    os.execv(sys.executable, cmd)
-    return 0
+    # The webserver and the daemon (automation, backfills, run queue) on the data root's
+    # instance; both stopped by pid when this command ends (Ctrl-C or SIGTERM).
+    procs = start_services(home, port=args.port, host=args.host)
+    print(
+        f"Dagster UI on http://{args.host}:{args.port} and the daemon on {home} "
+        f"(pids {procs[0].pid}, {procs[1].pid}); Ctrl-C stops both",
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        return next(p.returncode for p in procs if p.poll() is not None) or 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_services(procs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,9 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cluster_subcommand(sub)
 
-    u = sub.add_parser("ui", help="open the Dagster UI on this data root")
+    u = sub.add_parser(
+        "ui", help="serve the Dagster UI and run the daemon (automation) on this data root"
+    )
     u.add_argument("--data-root")
     u.add_argument("--port", type=int, default=3000)
+    u.add_argument("--host", default="127.0.0.1", help="webserver address (default loopback)")
     u.add_argument(
         "--screenshot", nargs="?", const="-", metavar="PNG",
         help="instead of serving: start the UI on a free port, screenshot an asset group with "

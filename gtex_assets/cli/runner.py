@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_definitions() -> dg.Definitions:
-    return dg.load_from_defs_folder(path_within_project=Path(__file__).parents[1])
+    from gtex_assets.defs.automation import apply_automation
+
+    return apply_automation(dg.load_from_defs_folder(path_within_project=Path(__file__).parents[1]))
 
 
 def ensure_dagster_home(data_root: Path) -> Path:
@@ -148,3 +153,43 @@ def _run(assets, defs, sel, cfg, instance, tags) -> dg.ExecuteInProcessResult:
         raise_on_error=True,
     )
     return result
+
+
+def _bin(name: str) -> str:
+    """A console script of the running interpreter's environment (dagster-daemon, ...)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def start_services(
+    dagster_home: Path,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    workspace: Path | None = None,
+    env: dict | None = None,
+    stdout=None,
+) -> list[subprocess.Popen]:
+    """Start `dagster-webserver` and `dagster-daemon run` on one instance (``dagster_home``)
+    and this repo's workspace; stop them with :func:`stop_services` (by pid)."""
+    ws = str(workspace or REPO_ROOT / "workspace.yaml")
+    full_env = {**os.environ, **(env or {}), "DAGSTER_HOME": str(dagster_home)}
+    cmds = [
+        [_bin("dagster-webserver"), "-w", ws, "-h", host, "-p", str(port)],
+        [_bin("dagster-daemon"), "run", "-w", ws],
+    ]
+    return [
+        subprocess.Popen(c, cwd=REPO_ROOT, env=full_env, stdout=stdout, stderr=subprocess.STDOUT)
+        for c in cmds
+    ]
+
+
+def stop_services(procs: Sequence[subprocess.Popen], timeout: float = 20) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()

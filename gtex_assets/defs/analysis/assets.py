@@ -14,6 +14,7 @@ import polars as pl
 from gtex_assets.core.atomic import write_parquet
 from gtex_assets.core.errors import InputError
 from gtex_assets.core.lake import Lake
+from gtex_assets.defs import settings
 from gtex_assets.defs.analysis.configs import (
     ClusterTranscriptomeConfig,
     EmbeddingViewsConfig,
@@ -70,6 +71,7 @@ def _spec(key: str, description: str, **kw) -> dg.AssetSpec:
     ],
 )  # fmt: skip
 def joint_pca(context: dg.AssetExecutionContext, config: JointPCAConfig, lake: DataLakeResource):
+    config = settings.resolve(context, config, lake)
     lk = lake.lake()
     try:
         meta, vec = I.read_slides(lk)
@@ -113,6 +115,7 @@ VIEW_DEPS = [
 def embedding_views(
     context: dg.AssetExecutionContext, config: EmbeddingViewsConfig, lake: DataLakeResource
 ):
+    config = settings.resolve(context, config, lake)
     if set(config.methods) - {"umap", "tsne"}:
         raise dg.Failure(
             description=f"unknown methods {sorted(set(config.methods) - {'umap', 'tsne'})}: use 'umap' and/or 'tsne'"
@@ -193,6 +196,7 @@ def gene_r2(
     lake: DataLakeResource,
     gtex_source: GTExSourceResource,
 ):
+    config = settings.resolve(context, config, lake)
     lk, t0, p = lake.lake(), time.perf_counter(), config.params()
     try:
         meta, vec = I.read_slides(lk)
@@ -284,6 +288,7 @@ CLUSTER_DEPS = ["slide_embeddings", "gene_log_tpm", GR.GENE_R2_TABLE, GR.FOLDS_T
 def cluster_transcriptome(
     context: dg.AssetExecutionContext, config: ClusterTranscriptomeConfig, lake: DataLakeResource
 ):
+    config = settings.resolve(context, config, lake)
     lk, t0 = lake.lake(), time.perf_counter()
     try:
         folds = _read(lk, GR.FOLDS_TABLE, "gene_r2")
@@ -375,6 +380,7 @@ FC_DEPS = ["slide_embeddings", "embedding_models", "gene_log_tpm"]
 def feature_comparison(
     context: dg.AssetExecutionContext, config: FeatureComparisonConfig, lake: DataLakeResource
 ):
+    config = settings.resolve(context, config, lake)
     lk, t0 = lake.lake(), time.perf_counter()
     try:
         meta, vec = I.read_slides(lk)

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from gtex_assets.core.atomic import write_parquet
 from gtex_assets.core.tables import CATALOG_DATABASE
+from gtex_assets.defs import settings
 from gtex_assets.defs.execution import GPU_OP_TAGS, GPU_POOL
 from gtex_assets.defs.metadata import column_schema, counts_md, input_failure, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
@@ -133,6 +134,7 @@ def tile_embeddings(
     filtered 'kept' tile) for each chosen classifier checkpoint, the off-the-shelf backbone and
     each timm encoder, tagged with the model id; one Parquet per slide; unchanged slides are
     skipped."""
+    config = settings.resolve(context, config, lake)
     lk = lake.lake()
     keys = list(context.partition_keys)
     try:
@@ -246,6 +248,7 @@ def slide_embeddings(
     """SPEC §7: each slide's embedding = the mean of its tiles' embeddings, per model, with a
     k-means cluster per slide (Parquet + LanceDB `slide_embeddings`); bulk-loads the changed
     tile rows into LanceDB `tile_embeddings` (idempotent merges) and indexes it when large."""
+    config = settings.resolve(context, config, lake)
     lk = lake.lake()
     store = V.VectorStore(lk.lancedb)
     try:

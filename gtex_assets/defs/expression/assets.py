@@ -4,6 +4,8 @@ import dagster as dg
 import polars as pl
 
 from gtex_assets.core.errors import InputError
+from gtex_assets.defs import automation as auto
+from gtex_assets.defs import settings
 from gtex_assets.defs.expression.configs import GeneLogTpmConfig
 from gtex_assets.defs.metadata import input_failure, md_table, plot_metadata, table_metadata
 from gtex_assets.lib.expression.log_tpm import (
@@ -54,9 +56,10 @@ def _read(path) -> pl.DataFrame | None:
     return pl.read_parquet(path) if path.is_file() else None
 
 
-@dg.multi_asset(name="gene_log_tpm", specs=_specs())
+@dg.multi_asset(name="gene_log_tpm", specs=_specs(), retry_policy=auto.DOWNLOAD_RETRY)
 def gene_log_tpm(context: dg.AssetExecutionContext, config: GeneLogTpmConfig,
                  lake: DataLakeResource, gtex_source: GTExSourceResource):  # fmt: skip
+    config = settings.resolve(context, config, lake)
     lk, src = lake.lake(), gtex_source.spec()
     gct_path = src.fetch(Kind.GCT, lk.raw)
     version = src.version(Kind.GCT, raw_dir=lk.raw)

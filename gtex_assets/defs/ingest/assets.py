@@ -6,6 +6,8 @@ import polars as pl
 from pydantic import Field
 
 from gtex_assets.core.atomic import write_parquet
+from gtex_assets.defs import automation as auto
+from gtex_assets.defs import settings
 from gtex_assets.defs.metadata import counts_md, input_failure, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
 from gtex_assets.defs.table_specs import table_spec, table_spec_metadata
@@ -35,6 +37,7 @@ GROUP = "ingest"
 @dg.multi_asset(
     name="histology_annotations",
     group_name=GROUP,
+    retry_policy=auto.DOWNLOAD_RETRY,
     specs=[
         table_spec(
             "histology_annotations", ANNOTATIONS_SCHEMA, kinds={"python", "parquet"},
@@ -88,6 +91,7 @@ def gtex_histology_annotations(
 @dg.asset(
     name="sample_attributes",
     group_name=GROUP,
+    retry_policy=auto.DOWNLOAD_RETRY,
     kinds={"python", "parquet"},
     metadata=table_spec_metadata("sample_attributes", dict.fromkeys(ATTRIBUTE_COLUMNS, pl.String)),
 )
@@ -105,8 +109,8 @@ def gtex_sample_attributes(
         context.log.warning(f"sample attributes unavailable ({e}); using the GCT header")
         path = src.fetch(Kind.GCT, lk.raw)
         df, origin = attributes_from_gct_header(path), f"{path} (header)"
-        # The source sensor compares this with the attributes file's version: a file that
-        # appears later then counts as a change.
+        # As gtex_sample_attributes_file records an absent file: one that appears later is a
+        # new version, so this re-runs from the file.
         version = "absent"
     out = write_parquet(df, lk.table("sample_attributes"))
     return dg.MaterializeResult(
@@ -142,6 +146,7 @@ def selected_slides(
 ) -> dg.MaterializeResult:
     """SPEC §1: N slides per tissue (50 default), preferring samples with expression; tissues
     with fewer slides take all. Adds each chosen sample id as a `slides` partition."""
+    config = settings.resolve(context, config, lake)
     lk = lake.lake()
     ann = pl.read_parquet(lk.table("histology_annotations"))
     rna = pl.read_parquet(lk.table("sample_attributes"), columns=["tissue_sample_id"])
@@ -197,6 +202,7 @@ class RawSlidesConfig(dg.Config):
     deps=[selected_slides],
     code_version="2",
     metadata=table_spec_metadata("raw_slides", RAW_SLIDE_SCHEMA),
+    retry_policy=auto.DOWNLOAD_RETRY,
 )
 def raw_slides(
     context: dg.AssetExecutionContext,
@@ -208,6 +214,7 @@ def raw_slides(
     verified and opened: dimensions, MPP (with its source), magnification, pyramid levels. A
     slide that will not open, or has no MPP, is quarantined with the reason (status column),
     not a failed run. One row per slide in `tables/raw_slides/<id>.parquet`."""
+    config = settings.resolve(context, config, lake)
     lk, src, policy = lake.lake(), gtex_source.spec(), config.policy()
     overrides = load_overrides(policy.overrides_file(lk.root))
     for problem in overrides.problems:

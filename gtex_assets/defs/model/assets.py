@@ -11,6 +11,7 @@ import torch
 from gtex_assets.core.atomic import write_parquet
 from gtex_assets.core.errors import InputError
 from gtex_assets.core.lake import Lake
+from gtex_assets.defs import settings
 from gtex_assets.defs.execution import GPU_OP_TAGS, GPU_POOL
 from gtex_assets.defs.metadata import input_failure, md_table, plot_metadata, table_metadata
 from gtex_assets.defs.model.configs import TissueClassifierConfig
@@ -69,6 +70,7 @@ def _read(lk: Lake, name: str) -> pl.DataFrame | None:
 def tissue_classifier(
     context: dg.AssetExecutionContext, config: TissueClassifierConfig, lake: DataLakeResource
 ):
+    config = settings.resolve(context, config, lake)
     lk = lake.lake()
     if not lk.table("balanced_tile_sample").is_file():
         raise dg.Failure(description="balanced_tile_sample missing: materialise it first")

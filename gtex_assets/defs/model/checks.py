@@ -8,6 +8,7 @@ import polars as pl
 
 from gtex_assets.core.errors import InputError
 from gtex_assets.core.lake import Lake
+from gtex_assets.defs import settings
 from gtex_assets.defs.execution import GPU_POOL
 from gtex_assets.defs.model.assets import MODEL_DIR
 from gtex_assets.defs.model.configs import BeatsChanceConfig
@@ -64,11 +65,12 @@ def selected_classifier_beats_chance(
 
 @dg.asset_check(asset="tissue_classifier", blocking=True, pool=GPU_POOL)
 def tissue_classifier_beats_chance(
-    config: BeatsChanceConfig, lake: DataLakeResource
+    context: dg.AssetCheckExecutionContext, config: BeatsChanceConfig, lake: DataLakeResource
 ) -> dg.AssetCheckResult:
     """The selected checkpoint, reloaded from disk, classifies the held-out donors' tiles
     better than chance by a clear margin (default 0.2); blocking, so a broken or degenerate
     model (e.g. one predicting a single tissue) never feeds the embeddings."""
+    config = settings.resolve(context, config, lake)
     return selected_classifier_beats_chance(
         lake.lake(), config.margin, config.max_tiles, config.device, config.n_workers
     )

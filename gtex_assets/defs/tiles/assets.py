@@ -8,6 +8,7 @@ import pandas as pd
 from pydantic import Field
 
 from gtex_assets.core.atomic import write_parquet
+from gtex_assets.defs import settings
 from gtex_assets.defs.ingest.assets import raw_slides, selected_slides
 from gtex_assets.defs.metadata import plot_metadata, table_metadata
 from gtex_assets.defs.partitions import SLIDE_BATCH, slide_partitions
@@ -136,6 +137,7 @@ def slide_tiles(
 ):
     """Tiles over tissue only (mask from a low-resolution level, so background is never read at
     full resolution), resumable after a kill; a slide done with the same parameters is skipped."""
+    config = settings.resolve(context, config, lake)
     lk, params = lake.lake(), config.params()
     jobs, outcomes = plan_jobs(
         list(context.partition_keys), lk, tissue_lookup(lk.table("histology_annotations"))
@@ -251,6 +253,7 @@ def filtered_tiles(
     re-tuned cheaply, or in SQL over the `slide_tiles` view (see the `retune_sql` metadata).
     A slide not tiled `ok` contributes no tiles. Writes `tables/filtered_tiles/<id>.parquet`;
     one montage of example tiles per verdict per run (an observation, not per slide)."""
+    config = settings.resolve(context, config, lake)
     lk, thresholds = lake.lake(), config.thresholds()
     parts = []
     for sid in context.partition_keys:
@@ -334,6 +337,7 @@ def balanced_tile_sample(
     context: dg.AssetExecutionContext, config: BalancedSampleConfig, lake: DataLakeResource
 ):
     """The balanced sample and the donor split (lib.tiles.sampling.build_sample)."""
+    config = settings.resolve(context, config, lake)
     lk = lake.lake()
     sel_path = lk.table("selected_slides")
     selected = (
