@@ -50,18 +50,24 @@ PORTAL_CSV_SOURCE = dg.AssetKey("gtex_portal_csv")
 ATTRIBUTES_SOURCE = dg.AssetKey("gtex_sample_attributes_file")
 GCT_SOURCE = dg.AssetKey("gtex_gene_tpm_gct")
 SOURCES = {
-    PORTAL_CSV_SOURCE: (Kind.HISTOLOGY, False, "GTEx Portal.csv (the histology sample list)"),
-    ATTRIBUTES_SOURCE: (Kind.ATTRIBUTES, True, "RNA-seq sample attributes (optional)"),
-    GCT_SOURCE: (Kind.GCT, False, "The gene TPM GCT of GTEx v8"),
+    PORTAL_CSV_SOURCE: (
+        Kind.HISTOLOGY,
+        False,
+        "GTEx Portal.csv (the histology sample list)",
+        "csv",
+    ),
+    ATTRIBUTES_SOURCE: (Kind.ATTRIBUTES, True, "RNA-seq sample attributes (optional)", "tsv"),
+    GCT_SOURCE: (Kind.GCT, False, "The gene TPM GCT of GTEx v8", "gct"),
 }
 
 
 def source_asset(key: dg.AssetKey, cron: str) -> dg.SourceAsset:
-    kind, optional, description = SOURCES[key]
+    kind, optional, description, file_kind = SOURCES[key]
 
     @dg.observable_source_asset(
         key=key,
         group_name=GROUP,
+        tags={f"dagster/kind/{file_kind}": ""},  # the asset's kind (no kinds= on sources)
         automation_condition=observe_on_cron(cron),
         description=f"{description}: {FILE_NAMES[kind]}",
     )
