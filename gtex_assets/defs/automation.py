@@ -205,8 +205,13 @@ def conditions(defs: dg.Definitions) -> dict[dg.AssetKey, dg.AutomationCondition
     ops = _op_keys(defs)
     part = {k for k in graph.get_all_asset_keys() if graph.get(k).partitions_def is not None}
     below_slides = _closure(graph, part, "child_keys") - part  # unpartitioned, pool slides
+    # Optional outputs (e.g. classifier_sweep, only with a sweep configured) may stay missing
+    # for good: they run with their op, never trigger it.
+    optional = {spec.key for spec in defs.resolve_all_asset_specs() if spec.skippable}
     out = {}
     for key, (op, siblings) in ops.items():
+        if key in optional:
+            continue
         parents = {p for p in graph.get(key).parent_keys if p not in siblings}
         if op in SOURCE_DEPS:
             parents.add(dg.AssetKey(SOURCE_DEPS[op]))
