@@ -124,7 +124,7 @@ def test_failed_run_leaves_previous_outputs(materialised, tmp_path, tiny_mirror)
 
 
 def test_data_version_is_the_gct_version(materialised, tiny_mirror):
-    """`gtex_source_sensor` compares it with the source's current version."""
+    """Automation compares it with the GCT source asset's observed version."""
     from gtex_assets.lib.ingest.sources import GTExSource, Kind
 
     _, r = materialised
