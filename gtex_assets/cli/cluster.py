@@ -177,6 +177,7 @@ def up(
             yaml.safe_dump(instance_yaml(pg.port, creds["postgres"], max_concurrent_runs))
         )
         state["dagster_home"] = str(home)
+        _set_pool_limits(home)
         conf_dir = cdir / "celery_config"
         conf_dir.mkdir(exist_ok=True)
         (conf_dir / "dagster_celery_config.py").write_text(
@@ -249,6 +250,18 @@ def up(
     env_sh.write_text("".join(f"export {k}='{v}'\n" for k, v in cluster_env(state).items()))
     os.chmod(env_sh, 0o600)
     return state
+
+
+def _set_pool_limits(home: Path) -> None:
+    """Create each exclusive pool's limit (1 slot) before any run: left to the first runs,
+    two runs creating the default limit at once race in PostgreSQL and one fails."""
+    import dagster as dg
+
+    from gtex_assets.defs.execution import EXCLUSIVE_POOLS
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for pool in EXCLUSIVE_POOLS:
+            instance.event_log_storage.set_concurrency_slots(pool, 1)
 
 
 def wait_workers(state: dict, timeout: float) -> None:
