@@ -25,7 +25,7 @@ from pathlib import Path
 
 import dagster as dg
 
-INGEST = ["gtex_histology_annotations", "gtex_sample_attributes", "selected_slides"]
+INGEST = ["histology_annotations", "sample_attributes", "selected_slides"]
 SLIDE_STAGES = ["raw_slides", "slide_tiles", "filtered_tiles", "balanced_tile_sample",
                 "tile_embeddings"]  # fmt: skip
 RUN_CONFIG = {

@@ -46,7 +46,7 @@ from gtex_assets.core.lake import Lake  # noqa: E402
 from gtex_assets.defs.execution import EXCLUSIVE_POOLS, EXCLUSIVE_QUEUE  # noqa: E402
 
 SELECTION = [
-    "gtex_histology_annotations", "gtex_sample_attributes", "selected_slides",
+    "histology_annotations", "sample_attributes", "selected_slides",
     "raw_slides", "slide_tiles", "filtered_tiles", "balanced_tile_sample",
     "tile_embeddings", "slide_embeddings",
 ]  # fmt: skip
