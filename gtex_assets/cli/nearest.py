@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -115,10 +114,10 @@ def cmd_transcriptome(args: argparse.Namespace) -> int:
     if args.out and not args.out.endswith((".parquet", ".csv")):
         print(f"error: --out {args.out}: use a .parquet or .csv file name", file=sys.stderr)
         return 2
-    from gtex_assets.core.lake import DEFAULT_DATA_ROOT, Lake
+    from gtex_assets.core.lake import resolve_root
     from gtex_assets.lib.lookup.nearest import NearestError, predict_transcriptome
 
-    root = Lake.at(args.data_root or os.environ.get("GTEX_DATA_ROOT") or DEFAULT_DATA_ROOT).root
+    root = resolve_root(args.data_root).root
     try:
         res = predict_transcriptome(
             args.sample_id, slide=args.slide, tile=args.tile, model_id=args.model_id, data_root=root
@@ -161,11 +160,11 @@ def cmd_map(args: argparse.Namespace) -> int:
     if not args.out or not args.out.endswith(".png"):
         print("error: --map needs --out FILE.png", file=sys.stderr)
         return 2
-    from gtex_assets.core.lake import DEFAULT_DATA_ROOT, Lake
+    from gtex_assets.core.lake import resolve_root
     from gtex_assets.lib.lookup.maps import slide_map
     from gtex_assets.lib.lookup.nearest import NearestError
 
-    root = Lake.at(args.data_root or os.environ.get("GTEX_DATA_ROOT") or DEFAULT_DATA_ROOT).root
+    root = resolve_root(args.data_root).root
     try:
         res = slide_map(args.slide, args.map, args.out, model_id=args.model_id,
                         tissue=args.tissue, data_root=root)  # fmt: skip
@@ -202,10 +201,10 @@ def cmd_nearest(args: argparse.Namespace) -> int:
     if args.k < 1:
         print(f"error: -k must be >= 1, got {args.k}", file=sys.stderr)
         return 2
-    from gtex_assets.core.lake import DEFAULT_DATA_ROOT, Lake
+    from gtex_assets.core.lake import resolve_root
     from gtex_assets.lib.lookup.nearest import NearestError, nearest
 
-    root = Lake.at(args.data_root or os.environ.get("GTEX_DATA_ROOT") or DEFAULT_DATA_ROOT).root
+    root = resolve_root(args.data_root).root
     try:
         res = nearest(
             args.sample_id,

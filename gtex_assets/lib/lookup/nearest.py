@@ -22,7 +22,6 @@ found by a LanceDB search of ``cluster_centroids`` in the fit's PCA space.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gtex_assets.core.lake import DEFAULT_DATA_ROOT, Lake
+from gtex_assets.core.lake import Lake, resolve_root
 from gtex_assets.lib.embeddings.vector_store import (
     SLIDE_TABLE,
     TILE_TABLE,
@@ -66,7 +65,7 @@ class NearestResult:
 
 
 def _lake(data_root: str | Path | None) -> Lake:
-    return Lake.at(data_root or os.environ.get("GTEX_DATA_ROOT") or DEFAULT_DATA_ROOT)
+    return resolve_root(data_root)
 
 
 # --------------------------------------------------------------------------------------------
