@@ -120,5 +120,7 @@ def screenshot_asset_graph(
             dom = chromium_capture(url, out_png, chromium=chromium)
         else:
             url = f"http://127.0.0.1:{port}/asset-groups"
-            dom = chromium_capture(url, out_png, chromium=chromium, size="2600,1500")
+            dom = chromium_capture(
+                url, out_png, chromium=chromium, size="2600,1500", budget_ms=90000
+            )
     return out_png, dom
