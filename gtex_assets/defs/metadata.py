@@ -76,5 +76,6 @@ def plot_metadata(path: Path) -> dg.MetadataValue:
 
 def input_failure(e: Exception) -> dg.Failure:
     """A user-fixable input problem (``core.errors.InputError``) as a Dagster failure whose
-    description is the message, not a traceback."""
-    return dg.Failure(description=str(e))
+    description is the message, not a traceback. Never retried: the download retry policy is
+    for transient network errors, and bad data stays bad."""
+    return dg.Failure(allow_retries=False, description=str(e))

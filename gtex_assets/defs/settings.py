@@ -27,7 +27,7 @@ def resolve(
             config, op_settings(root, op), origin=f"{settings_path(root)} ops.{op}.config"
         )
     except SettingsError as e:
-        raise dg.Failure(description=str(e)) from e
+        raise dg.Failure(allow_retries=False, description=str(e)) from e
     if out is not config:
         context.log.info(f"settings from {settings_path(root)} applied to {op}")
     return out

@@ -7,7 +7,9 @@ this repo's workspace): the automation sensor keeps a tiny generated mirror's re
 3. a retrained classifier that fails its blocking check: nothing downstream runs.
 
 Slow on 2 cores (each run is a process that imports torch): it prints its phases' wall times.
-Set GTEX_LIVE_DAEMON_TEST=0 to skip it.
+Opt-in for now (GTEX_LIVE_DAEMON_TEST=1): on this 2-core machine, loaded, phase 1 alone took
+548-600+ s, which does not fit the suite's 12-minute budget; making it fit (fewer, lighter
+automated runs) is open work, see issue #13.
 """
 
 import csv
@@ -32,7 +34,8 @@ from gtex_assets.lib.ingest.sources import GENE_TPM_GCT, HISTOLOGY_CSV
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        os.environ.get("GTEX_LIVE_DAEMON_TEST") == "0", reason="GTEX_LIVE_DAEMON_TEST=0"
+        os.environ.get("GTEX_LIVE_DAEMON_TEST") != "1",
+        reason="opt-in (GTEX_LIVE_DAEMON_TEST=1): 10+ minutes on 2 cores, over the suite budget",
     ),
     pytest.mark.timeout(1500),
 ]

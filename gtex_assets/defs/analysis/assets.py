@@ -48,7 +48,7 @@ def _f(v: float) -> dg.MetadataValue:
 
 
 def _fail(name: str, e: Exception) -> dg.Failure:
-    return dg.Failure(description=f"{name}: {e}")
+    return dg.Failure(allow_retries=False, description=f"{name}: {e}")
 
 
 def _spec(key: str, description: str, **kw) -> dg.AssetSpec:
@@ -118,7 +118,8 @@ def embedding_views(
     config = settings.resolve(context, config, lake)
     if set(config.methods) - {"umap", "tsne"}:
         raise dg.Failure(
-            description=f"unknown methods {sorted(set(config.methods) - {'umap', 'tsne'})}: use 'umap' and/or 'tsne'"
+            allow_retries=False,
+            description=f"unknown methods {sorted(set(config.methods) - {'umap', 'tsne'})}: use 'umap' and/or 'tsne'",
         )
     lk, t0, p = lake.lake(), time.perf_counter(), config.params()
     try:
@@ -210,7 +211,7 @@ def gene_r2(
                              selected=choice.selected, how=choice.how,
                              planted=I.planted_genes(_mirror(gtex_source)))  # fmt: skip
     except (InputError, ValueError) as e:  # e.g. a tissue missing from a training fold
-        raise dg.Failure(description=f"gene_r2: {e}") from e
+        raise dg.Failure(allow_retries=False, description=f"gene_r2: {e}") from e
     for m in skipped:
         context.log.warning(f"gene_r2 model 'best': {m} left out")
     for msg in GR.warnings(out):

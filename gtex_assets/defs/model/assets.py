@@ -73,7 +73,9 @@ def tissue_classifier(
     config = settings.resolve(context, config, lake)
     lk = lake.lake()
     if not lk.table("balanced_tile_sample").is_file():
-        raise dg.Failure(description="balanced_tile_sample missing: materialise it first")
+        raise dg.Failure(
+            allow_retries=False, description="balanced_tile_sample missing: materialise it first"
+        )
     tiles = pd.read_parquet(lk.table("balanced_tile_sample"))
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)

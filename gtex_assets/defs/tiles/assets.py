@@ -353,7 +353,7 @@ def balanced_tile_sample(
             redistribute=config.redistribute_shortfall, test_fraction=config.test_fraction,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
-        raise dg.Failure(description=str(e)) from None
+        raise dg.Failure(allow_retries=False, description=str(e)) from None
     if res.left_out:
         context.log.info(f"{len(res.left_out)} tiled slides are no longer selected; left out")
     out = write_parquet(res.sample, lk.table("balanced_tile_sample"))
