@@ -117,7 +117,8 @@ def screenshot_asset_graph(
         graphql(port, "mutation { setNuxSeen }")
         if group:
             url = f"http://127.0.0.1:{port}/locations/gtex_assets/asset-groups/{group}"
-            dom = chromium_capture(url, out_png, chromium=chromium)
+            # The graph's layout runs in a web worker: give it the budget of the full graph.
+            dom = chromium_capture(url, out_png, chromium=chromium, budget_ms=90000)
         else:
             url = f"http://127.0.0.1:{port}/asset-groups"
             dom = chromium_capture(

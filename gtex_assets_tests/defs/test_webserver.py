@@ -51,4 +51,5 @@ def test_browser_renders_the_asset_graph(dagster_home):
     png, dom = screenshot_asset_graph(dagster_home, Path(out))
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank
-    assert "raw_slides" in dom and "selected_slides" in dom  # the graph's nodes were rendered
+    # the graph's nodes were rendered (the group is larger than the window: raw_slides lies outside)
+    assert "histology_annotations" in dom and "selected_slides" in dom
