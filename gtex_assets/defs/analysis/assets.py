@@ -292,15 +292,7 @@ def cluster_transcriptome(
     config = settings.resolve(context, config, lake)
     lk, t0 = lake.lake(), time.perf_counter()
     try:
-        folds = _read(lk, GR.FOLDS_TABLE, "gene_r2")
-        ridge = _read(lk, GR.GENE_R2_TABLE, "gene_r2")
-        sel = str(folds["model_id"].iloc[0])
-        meta, vec = I.read_slides(lk)
-        expr = I.read_expression(lk)
-        F, Y, pm = I.paired(I.model_slides(meta, vec, sel), expr)
-        run = CR.run_cluster_transcriptome(
-            F, Y, pm, folds, ridge, expr.gene_ids, expr.symbols, sel, config.params()
-        )
+        sel, run = _cluster_run(lk, config)
     except InputError as e:
         raise _fail("cluster_transcriptome", e) from e
     ev = CR.evaluation_summary(run)
@@ -309,13 +301,7 @@ def cluster_transcriptome(
             f"LanceDB and exact search disagree on {ev['held_out_assignments'] - ev['assignments_agree_exact']} held-out assignments (float32 near-ties)"
         )
     proj, wrote = _serve(lk, run, sel, context.log.warning)
-    tables = {CR.R2_TABLE: run.r2}
-    for name, new in (
-        (CR.TRANSCRIPTOMES_TABLE, run.transcriptomes),
-        (CR.MEMBERS_TABLE, run.members),
-    ):
-        old = pd.read_parquet(lk.table(name)) if lk.table(name).is_file() else None
-        tables[name] = CR.merge_models(old, new, sel, wrote.dropped_models)
+    tables = _cluster_tables(lk, run, sel, wrote.dropped_models)
     paths = {name: write_parquet(df, lk.table(name)) for name, df in tables.items()}
     png = P.r2_scatter(run.r2["r2_ridge"], run.r2["r2_cluster"], _png(lk, "analysis/cluster_vs_ridge_r2.png"),
                        xlabel="ridge R²", ylabel="cluster-average R²", title=f"Per-gene R², held-out donors ({sel})")  # fmt: skip
@@ -335,6 +321,32 @@ def cluster_transcriptome(
         "lancedb_table": f"{lk.lancedb}/{CP.CENTROID_TABLE}", "centroid_rows_model": int(wrote.rows),
         "centroid_rows_total": int(wrote.total_rows), "fit_id": run.fit_id,
     })  # fmt: skip
+
+
+def _cluster_run(lk: Lake, config: ClusterTranscriptomeConfig) -> tuple[str, CR.ClusterRun]:
+    """gene_r2's model and folds, its slides paired with expression, and the clustering run."""
+    folds = _read(lk, GR.FOLDS_TABLE, "gene_r2")
+    ridge = _read(lk, GR.GENE_R2_TABLE, "gene_r2")
+    sel = str(folds["model_id"].iloc[0])
+    meta, vec = I.read_slides(lk)
+    expr = I.read_expression(lk)
+    F, Y, pm = I.paired(I.model_slides(meta, vec, sel), expr)
+    run = CR.run_cluster_transcriptome(
+        F, Y, pm, folds, ridge, expr.gene_ids, expr.symbols, sel, config.params()
+    )
+    return sel, run
+
+
+def _cluster_tables(lk: Lake, run: CR.ClusterRun, sel: str, dropped) -> dict:
+    """The R² table, and the served tables with this model's rows replaced."""
+    tables = {CR.R2_TABLE: run.r2}
+    for name, new in (
+        (CR.TRANSCRIPTOMES_TABLE, run.transcriptomes),
+        (CR.MEMBERS_TABLE, run.members),
+    ):
+        old = pd.read_parquet(lk.table(name)) if lk.table(name).is_file() else None
+        tables[name] = CR.merge_models(old, new, sel, dropped)
+    return tables
 
 
 def _serve(lk: Lake, run: CR.ClusterRun, sel: str, warn) -> tuple[Path, CP.CentroidWrite]:
